@@ -1,0 +1,724 @@
+"""
+The networks: the Stable Diffusion UNet family, the PixArt-alpha DiT, the SD VAE, the noise
+schedule and the text encoders, written out in full so that nothing of the method hides in a
+library.
+
+Module names follow the diffusers-format checkpoints these networks load, so converting one is a
+key-for-key copy (convert.py holds the three renames). The only extension point is
+`Attention.processor` on cross-attention layers: nasa.py plugs its negative-prompt attention in
+there, and nothing else in this file knows about guidance, distillation or negative prompts.
+"""
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+
+# -----------------------------------------------------------------------------
+# Attention, shared by every self- and cross-attention in the UNet, the DiT and the VAE
+
+
+def attention(q, k, v, heads, mask=None):
+    """Multi-head attention. q: (..., N, heads*d); k, v: (..., L, heads*d); mask: (..., L) bool,
+    True where a key may be attended to. Any number of leading batch dims."""
+    q, k, v = (rearrange(t, '... n (h d) -> ... h n d', h=heads) for t in (q, k, v))
+    if mask is not None:
+        mask = mask[..., None, None, :]  # (..., 1, 1, L): same for every head and query
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (..., h, N, d)
+    return rearrange(out, '... h n d -> ... n (h d)')
+
+
+class Attention(nn.Module):
+    """Self-attention (context=None) or cross-attention to a text context.
+
+    `processor`, None by default, is the one extension point: when set on a cross-attention layer,
+    it is called as processor(self, q, k, v, mask) in place of `attention`, with k and v already
+    projected from whatever context the network was given (nasa.py uses this).
+    """
+
+    def __init__(self, dim, heads, context_dim=None, qkv_bias=False):
+        super().__init__()
+        self.heads, self.is_cross = heads, context_dim is not None
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_k = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_v = nn.Linear(context_dim, dim, bias=qkv_bias)
+        self.to_out = nn.Linear(dim, dim)
+        self.processor = None
+
+    def forward(self, x, context=None, mask=None):
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        if self.processor is not None:
+            return self.to_out(self.processor(self, q, k, v, mask))
+        return self.to_out(attention(q, k, v, self.heads, mask))
+
+
+class FeedForward(nn.Module):
+    """GEGLU (SD) or tanh-GELU (PixArt) MLP with 4x expansion."""
+
+    def __init__(self, dim, gated):
+        super().__init__()
+        self.gated = gated
+        self.proj_in = nn.Linear(dim, 4 * dim * (2 if gated else 1))
+        self.proj_out = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        if self.gated:
+            x, gate = self.proj_in(x).chunk(2, dim=-1)
+            return self.proj_out(x * F.gelu(gate))
+        return self.proj_out(F.gelu(self.proj_in(x), approximate='tanh'))
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of (possibly fractional) timesteps, cos first. t: (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepMLP(nn.Module):
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(in_dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+# -----------------------------------------------------------------------------
+# Stable Diffusion UNet: one parametric class for SD1.5, SD2.1 (base and 768), SD-Turbo, shapes
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4
+    out_channels: int = 4
+    channels: tuple = (320, 640, 1280, 1280)     # per resolution level
+    attn_levels: tuple = (True, True, True, False)  # which levels have spatial transformers
+    heads: tuple = (8, 8, 8, 8)                 # attention heads per level (SD2: head dim 64)
+    layers_per_block: int = 2
+    context_dim: int = 768                      # text encoder width
+    linear_proj: bool = False                   # SD2 projects in/out of transformers linearly
+    norm_groups: int = 32
+    sample_size: int = 64                       # default latent size (image size / 8)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout, emb_dim, groups, eps):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time_emb_proj = nn.Linear(emb_dim, cout) if emb_dim else None
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x, emb=None):
+        h = self.conv1(F.silu(self.norm1(x)))
+        if self.time_emb_proj is not None:
+            h = h + self.time_emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return h + (x if self.conv_shortcut is None else self.conv_shortcut(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the text, GEGLU feed-forward."""
+
+    def __init__(self, dim, heads, context_dim):
+        super().__init__()
+        self.norm1, self.attn1 = nn.LayerNorm(dim), Attention(dim, heads)
+        self.norm2, self.attn2 = nn.LayerNorm(dim), Attention(dim, heads, context_dim)
+        self.norm3, self.ff = nn.LayerNorm(dim), FeedForward(dim, gated=True)
+
+    def forward(self, x, context, mask=None):
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    def __init__(self, ch, heads, context_dim, linear_proj, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        proj = (lambda: nn.Linear(ch, ch)) if linear_proj else (lambda: nn.Conv2d(ch, ch, 1))
+        self.proj_in, self.proj_out = proj(), proj()
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim)])
+
+    def _proj(self, layer, x):  # 1x1 conv and linear are the same map; apply either to (B, HW, C)
+        return layer(x) if isinstance(layer, nn.Linear) else F.linear(x, layer.weight[:, :, 0, 0], layer.bias)
+
+    def forward(self, x, context, mask=None):
+        B, C, H, W = x.shape
+        h = rearrange(self.norm(x), 'b c h w -> b (h w) c')
+        h = self._proj(self.proj_in, h)
+        for block in self.transformer_blocks:
+            h = block(h, context, mask)
+        h = self._proj(self.proj_out, h)
+        return x + rearrange(h, 'b (h w) c -> b c h w', h=H)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch, padding=1):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=padding)
+
+    def forward(self, x):
+        if self.padding == 0:  # the VAE pads asymmetrically: right and bottom only
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+class Level(nn.Module):
+    """One resolution level of the UNet: resnets, each optionally followed by a spatial
+    transformer, then a down- or up-sampler. (`downsamplers`/`upsamplers` are lists of one, as
+    in the checkpoints.)"""
+
+    def __init__(self, in_chs, cout, emb_dim, heads, cfg, attn, down=False, up=False):
+        super().__init__()
+        g = cfg.norm_groups
+        self.resnets = nn.ModuleList([ResBlock(c, cout, emb_dim, g, 1e-5) for c in in_chs])
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(cout, heads, cfg.context_dim, cfg.linear_proj, g) for _ in in_chs] if attn else [])
+        if down:
+            self.downsamplers = nn.ModuleList([Downsample(cout)])
+        if up:
+            self.upsamplers = nn.ModuleList([Upsample(cout)])
+
+    def layer(self, i, x, emb, context, mask):
+        x = self.resnets[i](x, emb)
+        return self.attentions[i](x, context, mask) if len(self.attentions) else x
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        C, L, emb_dim = cfg.channels, cfg.layers_per_block, 4 * cfg.channels[0]
+        self.conv_in = nn.Conv2d(cfg.in_channels, C[0], 3, padding=1)
+        self.time_embedding = TimestepMLP(C[0], emb_dim)
+        # Build the down path while keeping a stack of skip-connection widths, which the up path pops.
+        ch, skips = C[0], [C[0]]
+        self.down_blocks = nn.ModuleList()
+        for i, cout in enumerate(C):
+            last = i == len(C) - 1
+            self.down_blocks.append(Level([ch] + [cout] * (L - 1), cout, emb_dim, cfg.heads[i], cfg,
+                                          cfg.attn_levels[i], down=not last))
+            ch = cout
+            skips += [cout] * (L + (not last))
+        self.mid_block = Level([ch, ch], ch, emb_dim, cfg.heads[-1], cfg, attn=False)
+        self.mid_block.attentions.append(SpatialTransformer(ch, cfg.heads[-1], cfg.context_dim, cfg.linear_proj,
+                                                            cfg.norm_groups))
+        self.up_blocks = nn.ModuleList()
+        for i, cout in enumerate(reversed(C)):
+            level = len(C) - 1 - i
+            in_chs = []
+            for _ in range(L + 1):
+                in_chs.append(ch + skips.pop())
+                ch = cout
+            self.up_blocks.append(Level(in_chs, cout, emb_dim, cfg.heads[level], cfg, cfg.attn_levels[level],
+                                        up=level > 0))
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, C[0], eps=1e-5)
+        self.conv_out = nn.Conv2d(C[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x, t, context, mask=None):
+        """x: (B, in, H, W) noisy input; t: (B,) timesteps; context: (B, L, context_dim) text
+        embeddings. Returns the network output (eps or v) of shape (B, out, H, W)."""
+        emb = self.time_embedding(timestep_embedding(t, self.cfg.channels[0]).to(x.dtype))
+        x = self.conv_in(x)
+        skips = [x]
+        for block in self.down_blocks:
+            for i in range(len(block.resnets)):
+                x = block.layer(i, x, emb, context, mask)
+                skips.append(x)
+            if hasattr(block, 'downsamplers'):
+                x = block.downsamplers[0](x)
+                skips.append(x)
+        x = self.mid_block.resnets[0](x, emb)
+        x = self.mid_block.attentions[0](x, context, mask)
+        x = self.mid_block.resnets[1](x, emb)
+        for block in self.up_blocks:
+            for i in range(len(block.resnets)):
+                x = block.layer(i, torch.cat([x, skips.pop()], dim=1), emb, context, mask)
+            if hasattr(block, 'upsamplers'):
+                x = block.upsamplers[0](x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+# -----------------------------------------------------------------------------
+# PixArt-alpha DiT
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 4
+    out_channels: int = 8             # learned sigma: the first in_channels are the prediction
+    depth: int = 28
+    heads: int = 16
+    head_dim: int = 72
+    patch_size: int = 2
+    caption_channels: int = 4096      # T5-v1.1-XXL width
+    sample_size: int = 64             # latent size the positions were trained at
+    interpolation_scale: float = 1.0  # PixArt stretches positions for larger models
+    size_conditioning: bool = False   # the 1024 model embeds resolution and aspect ratio
+
+    @property
+    def dim(self):
+        return self.heads * self.head_dim
+
+
+def modulate(x, shift, scale):
+    return x * (1 + scale) + shift
+
+
+def sincos_2d(dim, h, w, base_size, interpolation_scale):
+    """PixArt's fixed 2-D positions, (h*w, dim): sin-cos of the column, then of the row,
+    with coordinates measured in units of the training grid (base_size) / interpolation_scale."""
+    def axis(n, d):
+        pos = torch.arange(n, dtype=torch.float64) / (n / base_size) / interpolation_scale
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (n, d)
+    col = axis(w, dim // 2)[None, :, :].expand(h, w, dim // 2)
+    row = axis(h, dim // 2)[:, None, :].expand(h, w, dim // 2)
+    return torch.cat([col, row], dim=-1).reshape(h * w, dim).float()
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Conv2d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x):
+        p, cfg = self.cfg.patch_size, self.cfg
+        pos = sincos_2d(cfg.dim, x.shape[-2] // p, x.shape[-1] // p, cfg.sample_size // p, cfg.interpolation_scale)
+        return rearrange(self.proj(x), 'b c h w -> b (h w) c') + pos.to(x)
+
+
+class AdaLNSingle(nn.Module):
+    """PixArt's adaLN-single: one timestep MLP shared by all blocks, giving 6 modulation vectors
+    (each block adds its own learned table). The 1024 model adds size embeddings."""
+
+    def __init__(self, dim, size_conditioning):
+        super().__init__()
+        self.timestep_embedder = TimestepMLP(256, dim)
+        if size_conditioning:
+            self.resolution_embedder = TimestepMLP(256, dim // 3)
+            self.aspect_ratio_embedder = TimestepMLP(256, dim // 3)
+        self.linear = nn.Linear(dim, 6 * dim)
+
+    def forward(self, t, resolution=None, aspect_ratio=None):
+        emb = self.timestep_embedder(timestep_embedding(t, 256))  # (B, D)
+        if hasattr(self, 'resolution_embedder'):
+            B = t.shape[0]
+            res = self.resolution_embedder(timestep_embedding(resolution.flatten(), 256)).reshape(B, -1)
+            ar = self.aspect_ratio_embedder(timestep_embedding(aspect_ratio.flatten(), 256)).reshape(B, -1)
+            emb = emb + torch.cat([res, ar], dim=1)
+        return self.linear(F.silu(emb)), emb  # (B, 6D) block modulation, (B, D) for the final layer
+
+
+class CaptionProjection(nn.Module):
+    def __init__(self, cin, dim):
+        super().__init__()
+        self.linear_1, self.linear_2 = nn.Linear(cin, dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x), approximate='tanh'))
+
+
+class DiTBlock(nn.Module):
+    """Self-attention and MLP modulated by adaLN-single; cross-attention with no norm, no gate."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.dim
+        self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.attn1 = Attention(D, cfg.heads, qkv_bias=True)
+        self.attn2 = Attention(D, cfg.heads, context_dim=D, qkv_bias=True)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(D, gated=False)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D ** 0.5)
+
+    def forward(self, x, t6, context, mask):
+        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + t6).chunk(6, dim=1)
+        x = x + gate1 * self.attn1(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.attn2(x, context, mask)
+        return x + gate2 * self.ff(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.pos_embed = PatchEmbed(cfg)
+        self.adaln_single = AdaLNSingle(D, cfg.size_conditioning)
+        self.caption_projection = CaptionProjection(cfg.caption_channels, D)
+        self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.depth)])
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D ** 0.5)
+        self.proj_out = nn.Linear(D, cfg.patch_size ** 2 * cfg.out_channels)
+
+    def forward(self, x, t, context, mask=None, resolution=None, aspect_ratio=None):
+        """x: (B, C, H, W); t: (B,); context: (B, L, caption_channels) T5 states; mask: (B, L) bool.
+        The 1024 model also takes resolution (B, 2) as (height, width) and aspect_ratio (B, 1).
+        Returns (B, out_channels, H, W)."""
+        B, _, H, W = x.shape
+        p = self.cfg.patch_size
+        if self.cfg.size_conditioning and resolution is None:  # default: the image's own size
+            resolution = torch.tensor([[H * 8.0, W * 8.0]], device=x.device).expand(B, 2)
+            aspect_ratio = torch.tensor([[H / W]], device=x.device).expand(B, 1)
+        x = self.pos_embed(x)                                     # (B, N, D)
+        t6, t_emb = self.adaln_single(t, resolution, aspect_ratio)
+        t6 = t6.to(x.dtype).unflatten(1, (6, -1))                 # (B, 6, D)
+        context = self.caption_projection(context)
+        for block in self.transformer_blocks:
+            x = block(x, t6, context, mask)
+        shift, scale = (self.scale_shift_table[None] + t_emb[:, None].to(x.dtype)).chunk(2, dim=1)
+        x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*out)
+        return rearrange(x, 'b (h w) (p q c) -> b c (h p) (w q)', h=H // p, p=p, q=p)
+
+
+# -----------------------------------------------------------------------------
+# VAE (AutoencoderKL)
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    latent_channels: int = 4
+    channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215
+
+
+class VAEAttention(Attention):
+    """Single-head self-attention over all pixels, with its own GroupNorm and residual."""
+
+    def __init__(self, ch, groups):
+        super().__init__(ch, heads=1, qkv_bias=True)
+        self.group_norm = nn.GroupNorm(groups, ch, eps=1e-6)
+
+    def forward(self, x):
+        h = rearrange(self.group_norm(x), 'b c h w -> b (h w) c')
+        return x + rearrange(super().forward(h), 'b (h w) c -> b c h w', h=x.shape[2])
+
+
+class VAEMid(nn.Module):
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(ch, ch, 0, groups, 1e-6) for _ in range(2)])
+        self.attentions = nn.ModuleList([VAEAttention(ch, groups)])
+
+    def forward(self, x):
+        return self.resnets[1](self.attentions[0](self.resnets[0](x)))
+
+
+class VAELevel(nn.Module):
+    def __init__(self, in_chs, cout, groups, down=False, up=False):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResBlock(c, cout, 0, groups, 1e-6) for c in in_chs])
+        if down:
+            self.downsamplers = nn.ModuleList([Downsample(cout, padding=0)])
+        if up:
+            self.upsamplers = nn.ModuleList([Upsample(cout)])
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        for sampler in getattr(self, 'downsamplers', []) or getattr(self, 'upsamplers', []):
+            x = sampler(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        C, L, g = cfg.channels, cfg.layers_per_block, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, C[0], 3, padding=1)
+        ins = (C[0],) + tuple(C[:-1])
+        self.down_blocks = nn.ModuleList([VAELevel([cin] + [cout] * (L - 1), cout, g, down=i < len(C) - 1)
+                                          for i, (cin, cout) in enumerate(zip(ins, C))])
+        self.mid_block = VAEMid(C[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, C[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(C[-1], 2 * cfg.latent_channels, 3, padding=1)  # mean and log-variance
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(self.mid_block(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        C, L, g = tuple(reversed(cfg.channels)), cfg.layers_per_block, cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, C[0], 3, padding=1)
+        self.mid_block = VAEMid(C[0], g)
+        ins = (C[0],) + C[:-1]
+        self.up_blocks = nn.ModuleList([VAELevel([cin] + [cout] * L, cout, g, up=i < len(C) - 1)
+                                        for i, (cin, cout) in enumerate(zip(ins, C))])
+        self.conv_norm_out = nn.GroupNorm(g, C[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(C[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class VAE(nn.Module):
+    """Images in [-1, 1] <-> latents already multiplied by the scaling factor."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def encode(self, x, generator=None):
+        """Samples the posterior; generator=False returns its mean."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        if generator is not False:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            mean = mean + std * torch.randn(mean.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return mean * self.cfg.scaling_factor
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z / self.cfg.scaling_factor))
+
+
+class PixelSpace(nn.Module):
+    """The 'VAE' of pixel-space models (the shapes world): the identity on [-1, 1] images."""
+
+    def encode(self, x, generator=None):
+        return x
+
+    def decode(self, z):
+        return z
+
+
+# -----------------------------------------------------------------------------
+# Noise schedule
+
+
+@dataclass
+class Schedule:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = 'scaled_linear'  # or 'linear'
+    prediction_type: str = 'epsilon'      # or 'v_prediction'
+
+
+class NoiseSchedule(nn.Module):
+    """Variance-preserving forward process x_t = alpha_t x0 + sigma_t eps, alpha_t^2 = alphas_cumprod[t],
+    and the conversions between the network output (eps or v), x0 and eps."""
+
+    def __init__(self, s: Schedule):
+        super().__init__()
+        if s.beta_schedule == 'scaled_linear':
+            betas = torch.linspace(s.beta_start ** 0.5, s.beta_end ** 0.5, s.num_train_timesteps, dtype=torch.float64) ** 2
+        elif s.beta_schedule == 'linear':
+            betas = torch.linspace(s.beta_start, s.beta_end, s.num_train_timesteps, dtype=torch.float64)
+        else:
+            raise ValueError(f"unknown beta_schedule {s.beta_schedule!r}: expected 'scaled_linear' or 'linear'")
+        if s.prediction_type not in ('epsilon', 'v_prediction'):
+            raise ValueError(f"unknown prediction_type {s.prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+        self.config = s
+        self.register_buffer('alphas_cumprod', torch.cumprod(1 - betas, 0).float(), persistent=False)
+
+    @property
+    def T(self):
+        return self.config.num_train_timesteps
+
+    def alpha_sigma(self, t, ndim=4):
+        """alpha_t and sigma_t for integer timesteps t (B,), shaped to broadcast over (B, ...)."""
+        a = self.alphas_cumprod[t].reshape(-1, *([1] * (ndim - 1)))
+        return a.sqrt(), (1 - a).sqrt()
+
+    def add_noise(self, x0, eps, t):
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return alpha.to(x0.dtype) * x0 + sigma.to(x0.dtype) * eps
+
+    def x0_eps(self, out, x_t, t):
+        """(x0, eps) from the network output at x_t."""
+        alpha, sigma = (s.to(x_t.dtype) for s in self.alpha_sigma(t, x_t.ndim))
+        if self.config.prediction_type == 'epsilon':
+            return (x_t - sigma * out) / alpha, out
+        return alpha * x_t - sigma * out, sigma * x_t + alpha * out  # v = alpha eps - sigma x0
+
+    def target(self, x0, eps, t):
+        """What the network is trained to output."""
+        if self.config.prediction_type == 'epsilon':
+            return eps
+        alpha, sigma = self.alpha_sigma(t, x0.ndim)
+        return alpha.to(x0.dtype) * eps - sigma.to(x0.dtype) * x0
+
+
+# -----------------------------------------------------------------------------
+# Text encoders (transformers)
+
+
+class TextEncoder(nn.Module):
+    """A checkpoint's tokenizer and text model, loaded from its text_encoder/ and tokenizer/ folders.
+
+    CLIP (SD): last_hidden_state; a checkpoint that uses the penultimate layer (SD2) ships a text
+    encoder truncated by one layer, so its own config selects the layer. No mask: SD attends to
+    padding. T5 (PixArt): 120 tokens and their attention mask, which the DiT uses.
+    """
+
+    def __init__(self, folder):
+        super().__init__()
+        import transformers
+        folder = Path(folder)
+        for sub in ('text_encoder', 'tokenizer'):
+            if not (folder / sub).is_dir():
+                raise FileNotFoundError(f"{folder} has no {sub}/ folder: a checkpoint needs its text encoder and tokenizer")
+        model_type = json.loads((folder / 'text_encoder' / 'config.json').read_text()).get('model_type', '')
+        self.is_t5 = model_type.startswith('t5')
+        model_cls = transformers.T5EncoderModel if self.is_t5 else transformers.CLIPTextModel
+        self.model = model_cls.from_pretrained(folder / 'text_encoder').requires_grad_(False).eval()
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder / 'tokenizer')
+        self.max_length = 120 if self.is_t5 else self.tokenizer.model_max_length
+
+    @property
+    def dim(self):
+        return self.model.config.hidden_size if not self.is_t5 else self.model.config.d_model
+
+    @torch.no_grad()
+    def forward(self, prompts):
+        """list of n prompts -> (embeddings (n, L, dim), mask (n, L) bool, or None for CLIP)."""
+        device = next(self.model.parameters()).device
+        tok = self.tokenizer(list(prompts), padding='max_length', max_length=self.max_length,
+                             truncation=True, return_tensors='pt').to(device)
+        if self.is_t5:
+            mask = tok.attention_mask.bool()
+            return self.model(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state, mask
+        return self.model(tok.input_ids).last_hidden_state, None
+
+
+# -----------------------------------------------------------------------------
+# Presets and the project's checkpoint files
+
+
+PRESETS = {
+    'sd15': UNetConfig(),
+    'sd21': UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True),
+    'sd21_768': UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True, sample_size=96),
+    'sd_turbo': UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True),
+    'tiny_unet': UNetConfig(channels=(32, 64), attn_levels=(False, True), heads=(2, 2), layers_per_block=1,
+                            context_dim=32, sample_size=16),
+    'shapes': UNetConfig(in_channels=3, out_channels=3, channels=(64, 128, 128), attn_levels=(False, True, True),
+                         heads=(4, 4, 4), layers_per_block=1, context_dim=64, norm_groups=32, sample_size=32),
+    'pixart_alpha_512': DiTConfig(),
+    'pixart_alpha_1024': DiTConfig(sample_size=128, interpolation_scale=2.0, size_conditioning=True),
+    'tiny_dit': DiTConfig(depth=2, heads=2, head_dim=16, caption_channels=32, sample_size=16),
+    'sd_vae': VAEConfig(),
+    'tiny_vae': VAEConfig(channels=(32, 64), layers_per_block=1),
+}
+SCHEDULES = {
+    'sd': Schedule(),
+    'sd_v': Schedule(prediction_type='v_prediction'),
+    'pixart': Schedule(beta_start=1e-4, beta_end=0.02, beta_schedule='linear'),
+}
+ARCHS = {UNetConfig: (UNet, 'unet'), DiTConfig: (DiT, 'dit'), VAEConfig: (VAE, 'vae')}
+
+
+def build(cfg):
+    """The network for a config (UNetConfig, DiTConfig or VAEConfig)."""
+    return ARCHS[type(cfg)][0](cfg)
+
+
+def save_module(module, path):
+    """Weights to safetensors, with the architecture and config in the file's metadata."""
+    cls, arch = ARCHS[type(module.cfg)]
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={'arch': arch, 'config': json.dumps(asdict(module.cfg))})
+
+
+def config_from_metadata(path):
+    from safetensors import safe_open
+    with safe_open(str(path), 'pt') as f:
+        meta = f.metadata() or {}
+    kinds = {arch: cfg_cls for cfg_cls, (_, arch) in ARCHS.items()}
+    if meta.get('arch') not in kinds:
+        raise ValueError(f"{path} carries no network config in its metadata: was it written by convert.py or train.py?")
+    cfg = json.loads(meta['config'])
+    return kinds[meta['arch']](**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
+
+
+def load_module(path, device='cpu', dtype=torch.float32):
+    """A network saved by save_module, loaded strictly."""
+    module = build(config_from_metadata(path))
+    module.load_state_dict(load_file(str(path)), strict=True)
+    return module.to(device=device, dtype=dtype)
+
+
+@dataclass
+class Pipeline:
+    """Everything one checkpoint folder holds: the denoiser, the VAE (or pixel space), the noise
+    schedule and the text encoder."""
+    denoiser: nn.Module
+    vae: nn.Module
+    schedule: NoiseSchedule
+    text_encoder: TextEncoder = None
+
+
+def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None):
+    """The project's checkpoint folder: denoiser.safetensors, vae.safetensors (none in pixel space),
+    schedule.json, and text_encoder/ + tokenizer/ copied from text_folder (transformers' layout).
+    Written beside the target and renamed into place, so a failed save leaves the old one whole."""
+    import shutil
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + '.tmp')
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_module(denoiser, tmp / 'denoiser.safetensors')
+    if isinstance(vae, VAE):
+        save_module(vae, tmp / 'vae.safetensors')
+    (tmp / 'schedule.json').write_text(json.dumps(asdict(schedule.config), indent=2))
+    if text_folder is not None:
+        for sub in ('text_encoder', 'tokenizer'):
+            shutil.copytree(Path(text_folder) / sub, tmp / sub)
+    old = folder.with_name(folder.name + '.old')
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder, device='cpu', dtype=torch.float32, text=True):
+    """A folder written by save_checkpoint (convert.py and train.py write them)."""
+    folder = Path(folder)
+    if not (folder / 'denoiser.safetensors').is_file():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder (no denoiser.safetensors): "
+                                "convert a downloaded model with `python convert.py SRC OUT` first")
+    denoiser = load_module(folder / 'denoiser.safetensors', device, dtype).eval()
+    vae_path = folder / 'vae.safetensors'
+    vae = load_module(vae_path, device, dtype).eval() if vae_path.is_file() else PixelSpace()
+    schedule = NoiseSchedule(Schedule(**json.loads((folder / 'schedule.json').read_text()))).to(device)
+    text_encoder = TextEncoder(folder).to(device) if text else None
+    return Pipeline(denoiser, vae, schedule, text_encoder)
