@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
 # -----------------------------------------------------------------------------
@@ -206,10 +207,17 @@ class Level(nn.Module):
         return self.attentions[i](x, context, mask) if len(self.attentions) else x
 
 
+def run(module, fn, *args):
+    """fn(*args), recomputed in the backward pass when the module has gradient checkpointing on."""
+    if getattr(module, 'grad_checkpointing', False) and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.grad_checkpointing = cfg, False
         C, L, emb_dim = cfg.channels, cfg.layers_per_block, 4 * cfg.channels[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, C[0], 3, padding=1)
         self.time_embedding = TimestepMLP(C[0], emb_dim)
@@ -245,7 +253,7 @@ class UNet(nn.Module):
         skips = [x]
         for block in self.down_blocks:
             for i in range(len(block.resnets)):
-                x = block.layer(i, x, emb, context, mask)
+                x = run(self, block.layer, i, x, emb, context, mask)
                 skips.append(x)
             if hasattr(block, 'downsamplers'):
                 x = block.downsamplers[0](x)
@@ -255,7 +263,7 @@ class UNet(nn.Module):
         x = self.mid_block.resnets[1](x, emb)
         for block in self.up_blocks:
             for i in range(len(block.resnets)):
-                x = block.layer(i, torch.cat([x, skips.pop()], dim=1), emb, context, mask)
+                x = run(self, block.layer, i, torch.cat([x, skips.pop()], dim=1), emb, context, mask)
             if hasattr(block, 'upsamplers'):
                 x = block.upsamplers[0](x)
         return self.conv_out(F.silu(self.conv_norm_out(x)))
@@ -366,7 +374,7 @@ class DiTBlock(nn.Module):
 class DiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.grad_checkpointing = cfg, False
         D = cfg.dim
         self.pos_embed = PatchEmbed(cfg)
         self.adaln_single = AdaLNSingle(D, cfg.size_conditioning)
@@ -390,7 +398,7 @@ class DiT(nn.Module):
         t6 = t6.to(x.dtype).unflatten(1, (6, -1))                 # (B, 6, D)
         context = self.caption_projection(context)
         for block in self.transformer_blocks:
-            x = block(x, t6, context, mask)
+            x = run(self, block, x, t6, context, mask)
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None].to(x.dtype)).chunk(2, dim=1)
         x = self.proj_out(modulate(self.norm_out(x), shift, scale))  # (B, N, p*p*out)
         return rearrange(x, 'b (h w) (p q c) -> b c (h p) (w q)', h=H // p, p=p, q=p)
@@ -630,8 +638,8 @@ PRESETS = {
     'sd_turbo': UNetConfig(heads=(5, 10, 20, 20), context_dim=1024, linear_proj=True),
     'tiny_unet': UNetConfig(channels=(32, 64), attn_levels=(False, True), heads=(2, 2), layers_per_block=1,
                             context_dim=32, sample_size=16),
-    'shapes': UNetConfig(in_channels=3, out_channels=3, channels=(64, 128, 128), attn_levels=(False, True, True),
-                         heads=(4, 4, 4), layers_per_block=1, context_dim=64, norm_groups=32, sample_size=32),
+    'shapes': UNetConfig(in_channels=3, out_channels=3, channels=(32, 64, 64), attn_levels=(False, True, True),
+                         heads=(4, 4, 4), layers_per_block=1, context_dim=64, norm_groups=8, sample_size=32),
     'pixart_alpha_512': DiTConfig(),
     'pixart_alpha_1024': DiTConfig(sample_size=128, interpolation_scale=2.0, size_conditioning=True),
     'tiny_dit': DiTConfig(depth=2, heads=2, head_dim=16, caption_channels=32, sample_size=16),
@@ -684,11 +692,13 @@ class Pipeline:
     vae: nn.Module
     schedule: NoiseSchedule
     text_encoder: TextEncoder = None
+    student_t: int = None  # a one-step student's start timestep; None for a multi-step model
 
 
-def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None):
+def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t=None):
     """The project's checkpoint folder: denoiser.safetensors, vae.safetensors (none in pixel space),
-    schedule.json, and text_encoder/ + tokenizer/ copied from text_folder (transformers' layout).
+    schedule.json, text_encoder/ + tokenizer/ copied from text_folder (transformers' layout) and, for
+    a one-step student, the timestep it starts from (in schedule.json).
     Written beside the target and renamed into place, so a failed save leaves the old one whole."""
     import shutil
     folder = Path(folder)
@@ -698,7 +708,8 @@ def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None):
     save_module(denoiser, tmp / 'denoiser.safetensors')
     if isinstance(vae, VAE):
         save_module(vae, tmp / 'vae.safetensors')
-    (tmp / 'schedule.json').write_text(json.dumps(asdict(schedule.config), indent=2))
+    meta = {} if student_t is None else {'student_t': student_t % schedule.T}
+    (tmp / 'schedule.json').write_text(json.dumps({**asdict(schedule.config), **meta}, indent=2))
     if text_folder is not None:
         for sub in ('text_encoder', 'tokenizer'):
             shutil.copytree(Path(text_folder) / sub, tmp / sub)
@@ -719,6 +730,7 @@ def load_checkpoint(folder, device='cpu', dtype=torch.float32, text=True):
     denoiser = load_module(folder / 'denoiser.safetensors', device, dtype).eval()
     vae_path = folder / 'vae.safetensors'
     vae = load_module(vae_path, device, dtype).eval() if vae_path.is_file() else PixelSpace()
-    schedule = NoiseSchedule(Schedule(**json.loads((folder / 'schedule.json').read_text()))).to(device)
+    sched = json.loads((folder / 'schedule.json').read_text())
+    student_t = sched.pop('student_t', None)
     text_encoder = TextEncoder(folder).to(device) if text else None
-    return Pipeline(denoiser, vae, schedule, text_encoder)
+    return Pipeline(denoiser, vae, NoiseSchedule(Schedule(**sched)).to(device), text_encoder, student_t)

@@ -1,0 +1,193 @@
+"""
+Generate images: one step from a distilled student, with NASA negative prompts, or many DDIM steps
+with classifier-free guidance from a teacher, for comparison.
+
+    python sample.py                                       # the shipped shapes student, NASA on and off
+    python sample.py --checkpoint CKPT --prompt "a photo of a pet" --negative-prompt "cat" --out pets.png
+    python sample.py --checkpoint TEACHER --steps 25 --cfg 7.5 --prompt "a red circle" --out DIR/
+
+CKPT is a folder written by convert.py or train.py, or a diffusers-format folder.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import model as M
+import nasa
+
+DEMO = [('a circle', 'red'), ('a square', 'blue'), ('a red shape', 'circle'), ('a blue shape', 'square')]
+
+
+class SampleError(ValueError):
+    pass
+
+
+def load(checkpoint, device='cpu', dtype=torch.float32):
+    """A project checkpoint folder, or a diffusers-format folder read in memory."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise SampleError(f"checkpoint {checkpoint} not found: pass a folder written by convert.py or train.py")
+    if (path / 'model_index.json').is_file():
+        import convert
+        denoiser, vae, schedule = convert.read_diffusers(path)
+        return M.Pipeline(denoiser.to(device, dtype).eval(), vae.to(device, dtype).eval(), schedule.to(device),
+                          M.TextEncoder(path).to(device))
+    try:
+        return M.load_checkpoint(path, device, dtype)
+    except (FileNotFoundError, ValueError) as e:
+        raise SampleError(str(e)) from None
+
+
+def latent_size(pipe, height, width):
+    """Latent (h, w) for an image size, checked against what the network can take."""
+    cfg = pipe.denoiser.cfg
+    down = 8 if isinstance(pipe.vae, M.VAE) else 1            # the VAE's downsampling
+    size = cfg.sample_size * down
+    height, width = height or size, width or size
+    if isinstance(cfg, M.UNetConfig):
+        multiple = down * 2 ** (len(cfg.channels) - 1)        # each UNet level halves the latent
+        why = f"this UNet halves the resolution {len(cfg.channels) - 1} times"
+    else:
+        multiple, why = down * cfg.patch_size, f"the DiT cuts the latent into {cfg.patch_size}x{cfg.patch_size} patches"
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        raise SampleError(f"size {height}x{width} cannot be generated: height and width must be positive multiples "
+                          f"of {multiple} ({why}{' on 8x-downsampled latents' if down > 1 else ''})")
+    return height // down, width // down
+
+
+@torch.no_grad()
+def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=None, width=None,
+             steps=1, cfg=1.0, layers=None):
+    """Images in [-1, 1], (len(prompts) * n, 3, H, W), prompt-major. One step (steps=1) runs the
+    student from its start timestep, with NASA when a negative prompt and nasa_scale > 0 are given;
+    steps > 1 runs DDIM with classifier-free guidance, the negative prompt in the unconditional slot."""
+    net, schedule = pipe.denoiser, pipe.schedule
+    device, dtype = next(net.parameters()).device, next(net.parameters()).dtype
+    h, w = latent_size(pipe, height, width)
+    prompts = [p for p in prompts for _ in range(n)]
+    c, cm = pipe.text_encoder(prompts)
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(len(prompts), net.cfg.in_channels, h, w, device=device, generator=g, dtype=dtype)
+    c = c.to(dtype)
+    if steps == 1:
+        use_nasa = negative is not None and nasa_scale > 0
+        if use_nasa:
+            u, um = pipe.text_encoder([negative])
+            c, cm = nasa.pair(c, u.to(dtype), cm, um)
+            nasa.enable(net, nasa_scale, layers)
+        try:
+            t = pipe.student_t if pipe.student_t is not None else schedule.T - 1
+            out = net(x, torch.full((len(prompts),), t, device=device), c, cm)[:, :x.shape[1]]
+            x = schedule.x0_eps(out, x, torch.full((len(prompts),), t, device=device))[0]
+        finally:
+            nasa.disable(net)
+    else:
+        u, um = pipe.text_encoder([negative or ''])
+        x = ddim(net, schedule, x, (c, cm), (u.to(dtype), um), steps, cfg)
+    return pipe.vae.decode(x).float().clamp(-1, 1)
+
+
+def ddim(net, schedule, x, cond, null, steps, cfg):
+    """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) with classifier-free guidance."""
+    from vsd import guided_eps
+    ts = torch.linspace(schedule.T - 1, 0, steps, device=x.device).round().long()
+    kappa = torch.full((x.shape[0],), float(cfg), device=x.device)
+    for i, t in enumerate(ts):
+        tt = t.expand(x.shape[0])
+        eps = guided_eps(net, schedule, x, tt, cond, null, kappa)
+        alpha, sigma = schedule.alpha_sigma(tt)
+        x0 = (x - sigma * eps) / alpha
+        if i + 1 == len(ts):
+            return x0
+        a_next, s_next = schedule.alpha_sigma(ts[i + 1].expand(x.shape[0]))
+        x = a_next * x0 + s_next * eps
+
+
+def to_uint8(images):
+    """[-1, 1] (N, 3, H, W) -> uint8 (N, H, W, 3)."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images, path, nrow=8):
+    from PIL import Image
+    arr = to_uint8(images) if torch.is_tensor(images) else images
+    n, h, w, _ = arr.shape
+    rows = -(-n // nrow)
+    grid = np.zeros((rows * h, nrow * w, 3), dtype=np.uint8)
+    for i, im in enumerate(arr):
+        grid[(i // nrow) * h:(i // nrow + 1) * h, (i % nrow) * w:(i % nrow + 1) * w] = im
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).save(path)
+
+
+def save_images(images, folder):
+    from PIL import Image
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(to_uint8(images)):
+        Image.fromarray(im).save(Path(folder) / f'{i:05d}.png')
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--checkpoint', default='checkpoints/shapes_student', help='checkpoint folder (default: %(default)s)')
+    a('--prompt', action='append', help='a prompt; repeat for several (default: a demo of NASA on the shapes world)')
+    a('--prompt-file', help='text file, one prompt per line (default: none)')
+    a('--negative-prompt', help='negative prompt: NASA in one step, the unconditional slot of CFG in many (default: none)')
+    a('--nasa-scale', type=float, help="NASA alpha (default: the paper's value for the backbone, SNOOPI Table 8)")
+    a('--nasa-layers', help="comma-separated substrings of the cross-attention layers NASA acts in (default: all)")
+    a('--n', type=int, default=4, help='images per prompt (default: %(default)s)')
+    a('--seed', type=int, default=0, help='random seed (default: %(default)s)')
+    a('--height', type=int, help="image height in pixels (default: the network's training size)")
+    a('--width', type=int, help="image width in pixels (default: the network's training size)")
+    a('--steps', type=int, default=1, help='1: one-step student; more: DDIM on a teacher (default: %(default)s)')
+    a('--cfg', type=float, default=1.0, help='classifier-free guidance scale for --steps > 1 (default: %(default)s)')
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device (default: %(default)s)')
+    a('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'], help='weights dtype (default: %(default)s)')
+    a('--out', default='samples.png', help='FILE.png writes a grid; DIR/ writes one PNG per image (default: %(default)s)')
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except SampleError as e:
+        sys.exit(f"sample.py: error: {e}")
+
+
+def run(args):
+    if args.steps < 1:
+        raise SampleError(f"--steps must be at least 1, got {args.steps}")
+    if args.nasa_scale is not None and args.nasa_scale < 0:
+        raise SampleError(f"--nasa-scale must be >= 0 (it weights the subtracted negative attention), got {args.nasa_scale}")
+    if args.nasa_scale is not None and args.steps > 1:
+        raise SampleError("--nasa-scale applies to one-step sampling; with --steps > 1 the negative prompt goes into CFG")
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        if not Path(args.prompt_file).is_file():
+            raise SampleError(f"prompt file {args.prompt_file} not found")
+        prompts += [l.strip() for l in Path(args.prompt_file).read_text().splitlines() if l.strip()]
+        if not prompts:
+            raise SampleError(f"prompt file {args.prompt_file} holds no prompts (one per line)")
+    pipe = load(args.checkpoint, args.device, getattr(torch, args.dtype))
+    scale = args.nasa_scale if args.nasa_scale is not None else nasa.default_alpha(pipe.denoiser)
+    layers = args.nasa_layers.split(',') if args.nasa_layers else None
+    common = dict(n=args.n, seed=args.seed, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg)
+    if prompts:
+        images = generate(pipe, prompts, args.negative_prompt, scale, layers=layers, **common)
+        nrow = args.n
+    else:  # the demo: each pair without, then with, its negative prompt
+        rows = [generate(pipe, [pos], neg, s, layers=layers, **{**common, 'n': 8})
+                for pos, neg in DEMO for s in (0.0, scale)]
+        images, nrow = torch.cat(rows), 8
+        for i, (pos, neg) in enumerate(DEMO):
+            print(f"rows {2 * i + 1}-{2 * i + 2}: '{pos}', then with negative prompt '{neg}' (NASA alpha {scale})")
+    if args.out.endswith('/') or Path(args.out).is_dir():
+        save_images(images, args.out)
+    else:
+        save_grid(images, args.out, nrow=nrow)
+    print(f"wrote {len(images)} images to {args.out}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,374 @@
+"""
+Distill a multi-step teacher into a one-step student with PG-SB (SNOOPI's Proper Guidance
+SwiftBrush; the objective is in vsd.py), or train a teacher from scratch with the plain denoising
+objective (--mode teacher; the shapes world only).
+
+    python train.py                                          # the shapes world, on the CPU
+    torchrun --nproc_per_node=8 train.py --preset sd21 --teacher CKPT --prompts prompts.txt
+
+The same script runs alone and under torchrun (NCCL on CUDA, gloo on the CPU); --batch-size is the
+global batch, split over the ranks.
+"""
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import model as M
+import vsd
+from vsd import option
+
+
+@dataclass
+class TrainConfig(vsd.VSDConfig):
+    mode: str = option('distill', 'distill (PG-SB) or teacher (plain denoising, from scratch, shapes world)')
+    teacher: str = option('', 'teacher checkpoint folder (convert.py output); the student starts as its copy')
+    prompts: str = option('', "text file, one prompt per line ('' with a shapes preset: the world's captions)")
+    arch: str = option('shapes', 'network preset for --mode teacher (see model.PRESETS)')
+    text_encoder: str = option('', 'folder with text_encoder/ and tokenizer/, for --mode teacher')
+    out: str = option('runs/shapes', 'output folder: checkpoints, log.jsonl, validation grids, student/')
+    steps: int = option(2000, 'training steps')
+    batch_size: int = option(32, 'global batch size, split over the ranks')
+    lr_student: float = option(1e-6, "student learning rate (in --mode teacher: the network's)")
+    lr_lora: float = option(1e-3, 'LoRA teacher learning rate')
+    lora_rank: int = option(64, 'LoRA rank')
+    lora_alpha: float = option(128.0, 'LoRA scaling numerator: the update is scaled by alpha / rank')
+    weight_decay: float = option(0.0, 'AdamW weight decay')
+    grad_clip: float = option(1.0, 'gradient norm clipping (0: off)')
+    ema: float = option(0.0, 'EMA decay of the student weights (0: no EMA)')
+    grad_checkpointing: bool = option(False, 'recompute activations in the backward pass to save memory')
+    clip: str = option('', 'CLIP folder (transformers CLIPModel) for the clamped CLIP loss')
+    save_every: int = option(500, 'write a resumable checkpoint every N steps')
+    keep: int = option(2, 'keep the last K checkpoints')
+    log_every: int = option(10, 'append losses and kappa to log.jsonl every N steps')
+    val_every: int = option(500, 'write a validation grid every N steps (0: off)')
+    val_prompts: str = option('', "'|'-separated prompts for the validation grid ('' : the preset's)")
+    resume: bool = option(False, 'continue from the latest checkpoint in --out')
+    seed: int = option(0, 'random seed')
+    device: str = option('', "device ('' : cuda if available, else cpu)")
+
+
+PRESETS = {  # the paper's hyperparameters (SNOOPI Table 6); command-line flags override them
+    'sd15': dict(steps=60000, batch_size=64, kappa_max=4.0, clip_weight=0.1,
+                 val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
+    'sd21': dict(steps=40000, batch_size=64, kappa_max=4.0, clip_weight=0.1,
+                 val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
+    # PixArt's alphas_cumprod[999] is ~4e-5: x0 = (z - sigma eps) / alpha would amplify the student's
+    # error 150-fold, so the student starts lower, as public one-step PixArt students do.
+    'pixart_alpha_512': dict(steps=60000, batch_size=64, kappa_max=3.0, clip_weight=0.1, student_t=400,
+                             val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
+    'shapes': dict(teacher='checkpoints/shapes_teacher', out='runs/shapes', steps=1500, batch_size=32,
+                   lr_student=1e-4, lr_lora=1e-3, lora_rank=16, lora_alpha=32.0, save_every=500, val_every=500,
+                   val_prompts='a red circle|a green square|a blue triangle|a yellow circle|a magenta square|a cyan triangle'),
+    'shapes_teacher': dict(mode='teacher', arch='shapes', text_encoder='checkpoints/shapes_text',
+                           out='runs/shapes_teacher', steps=2500, batch_size=32, lr_student=5e-4, ema=0.999,
+                           save_every=500),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--preset', default='shapes', choices=sorted(PRESETS),
+                   help='hyperparameter preset (default: shapes); flags below override it')
+    for f in fields(TrainConfig):
+        flag = '--' + f.name.replace('_', '-')
+        if f.type is bool or f.type == 'bool':
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata['help'] + f' (default: {f.default})')
+        else:
+            p.add_argument(flag, type=type(f.default), default=None, help=f.metadata['help'] + f' (default: {f.default!r})')
+    args = p.parse_args(argv)
+    values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != 'preset'}}
+    cfg = TrainConfig(**values)
+    if cfg.random_kappa not in vsd.RANDOM_KAPPA:
+        p.error(f"--random-kappa must be one of {sorted(vsd.RANDOM_KAPPA)}, got {cfg.random_kappa!r}")
+    return cfg
+
+
+# -----------------------------------------------------------------------------
+# Distributed set-up: `python train.py` is a world of one
+
+
+def setup_distributed(device_arg):
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    if ddp:
+        rank, world, local = int(os.environ['RANK']), int(os.environ['WORLD_SIZE']), int(os.environ['LOCAL_RANK'])
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device(device_arg or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda':
+        device = torch.device('cuda', local)
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return ddp, rank, world, device
+
+
+def all_reduce_mean(x, world):
+    if world > 1:
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+# -----------------------------------------------------------------------------
+# Prompts: encoded once, cached as safetensors, each rank its own shard
+
+
+def read_prompts(path):
+    if not Path(path).is_file():
+        sys.exit(f"train.py: error: prompt file {path} not found")
+    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    if not prompts:
+        sys.exit(f"train.py: error: prompt file {path} holds no prompts (one per line)")
+    return prompts
+
+
+def shapes_prompts():
+    import shapes
+    return sorted({shapes.caption(kind, s, c) for kind in shapes.CAPTION_KINDS if kind != 'null'
+                   for s in shapes.SHAPES for c in shapes.COLOURS})
+
+
+def cache_prompts(text_encoder, prompts, path, batch=64):
+    """Encode `prompts` (and the null prompt) once; later runs read the file."""
+    if not path.is_file():
+        ctx, masks = [], []
+        for i in range(0, len(prompts), batch):
+            c, m = text_encoder(prompts[i:i + batch])
+            ctx.append(c.cpu())
+            masks.append(m.cpu() if m is not None else torch.ones(c.shape[:2], dtype=torch.bool))
+        null, null_mask = text_encoder([''])
+        tensors = {'context': torch.cat(ctx), 'mask': torch.cat(masks), 'null': null.cpu(),
+                   'null_mask': (null_mask if null_mask is not None else torch.ones(null.shape[:2], dtype=torch.bool)).cpu()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path) + '.tmp', metadata={'prompts': json.dumps(prompts), 'masked': str(text_encoder.is_t5)})
+        os.replace(str(path) + '.tmp', path)
+    with safe_open(str(path), 'pt') as f:
+        masked = f.metadata()['masked'] == 'True'
+        prompts = json.loads(f.metadata()['prompts'])
+    t = load_file(str(path))
+    return prompts, t['context'], t['mask'] if masked else None, (t['null'], t['null_mask'] if masked else None)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: safetensors, written atomically, the last K kept
+
+
+def optimizer_tensors(opt, prefix):
+    sd = opt.state_dict()
+    tensors = {f'{prefix}.{pid}.{k}': v if torch.is_tensor(v) else torch.tensor(v)
+               for pid, state in sd['state'].items() for k, v in state.items()}
+    return tensors, json.dumps(sd['param_groups'])
+
+
+def load_optimizer(opt, tensors, groups, prefix):
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith(prefix + '.'):
+            _, pid, k = key.split('.', 2)
+            state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({'state': state, 'param_groups': json.loads(groups)})
+
+
+def save_training_state(out, step, trained, opts, generator, keep):
+    """checkpoints/step-N/state.safetensors: trained weights, optimizer moments, RNG state, step."""
+    tensors, meta = {}, {'step': str(step)}
+    for name, module in trained.items():
+        tensors.update({f'{name}.{k}': v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+                        if name != 'teacher' or 'lora_' in k})
+    for name, opt in opts.items():
+        t, meta[f'opt.{name}'] = optimizer_tensors(opt, f'opt.{name}')
+        tensors.update({k: v.cpu() for k, v in t.items()})
+    tensors['rng'] = generator.get_state()
+    root = Path(out) / 'checkpoints'
+    tmp = root / f'step-{step:07d}.tmp'
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / 'state.safetensors'), metadata=meta)
+    os.replace(tmp, root / f'step-{step:07d}')  # a crash before this line leaves the older ones intact
+    for old in sorted(root.glob('step-???????'))[:-keep]:
+        shutil.rmtree(old)
+
+
+def load_training_state(out, trained, opts, generator):
+    ckpts = sorted((Path(out) / 'checkpoints').glob('step-???????'))
+    if not ckpts:
+        return 0
+    path = ckpts[-1] / 'state.safetensors'
+    with safe_open(str(path), 'pt') as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    for name, module in trained.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + '.')},
+                               strict=name != 'teacher')  # the teacher's base weights come from --teacher
+    for name, opt in opts.items():
+        load_optimizer(opt, tensors, meta[f'opt.{name}'], f'opt.{name}')
+    generator.set_state(tensors['rng'])
+    return int(meta['step'])
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+@torch.no_grad()
+def validation_grid(student, pipe, prompts, path, start_t, seed=0):
+    """One image per prompt from fixed noise, written as a PNG row."""
+    from sample import save_grid
+    c, m = pipe.text_encoder(prompts)
+    cfg = student.cfg
+    g = torch.Generator(c.device).manual_seed(seed)
+    z = torch.randn(len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size, device=c.device, generator=g)
+    x0 = vsd.student_generate(student, pipe.schedule, z, c.to(z.dtype), m, start_t)
+    save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
+
+
+def lerp_ema(ema, net, decay):
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), net.parameters()):
+            e.lerp_(p.detach(), 1 - decay)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    ddp, rank, world, device = setup_distributed(cfg.device)
+    if cfg.batch_size % world:
+        sys.exit(f"train.py: error: --batch-size {cfg.batch_size} does not split over {world} ranks")
+    B = cfg.batch_size // world
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)  # the same initial weights (LoRA included) on every rank
+    autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+
+    if cfg.mode == 'teacher':
+        pipe = M.Pipeline(M.build(M.PRESETS[cfg.arch]).to(device), M.PixelSpace(),
+                          M.NoiseSchedule(M.SCHEDULES['sd']).to(device), M.TextEncoder(cfg.text_encoder).to(device))
+        student, text_folder = pipe.denoiser, cfg.text_encoder
+        prompts = shapes_prompts() + ['']
+    else:
+        if not cfg.teacher:
+            sys.exit("train.py: error: --teacher CKPT is required (a folder written by convert.py)")
+        try:
+            pipe = M.load_checkpoint(cfg.teacher, device)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"train.py: error: {e}")
+        student = M.load_checkpoint(cfg.teacher, device, text=False).denoiser.train()  # a copy of the teacher
+        prompts = read_prompts(cfg.prompts) if cfg.prompts else shapes_prompts()
+        text_folder = cfg.teacher
+    teacher = pipe.denoiser.requires_grad_(False)
+    shard = prompts if cfg.mode == 'teacher' else prompts[rank::world]  # a teacher needs every caption
+    digest = hashlib.sha1(json.dumps([text_folder, prompts]).encode()).hexdigest()[:12]
+    shard, ctx, ctx_mask, null = cache_prompts(pipe.text_encoder, shard, out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
+    val_prompts = (cfg.val_prompts or 'a red circle|a blue square').split('|')
+    if rank != 0 or not cfg.val_every:
+        pipe.text_encoder = None  # the text encoder (T5-XXL for PixArt) leaves memory once prompts are cached
+    null = tuple(x.to(device) if x is not None else None for x in null)
+
+    trained = {'student': student}  # what a checkpoint holds (of the teacher: its LoRA adapters)
+    params = {'student': list(student.parameters())}
+    if cfg.mode == 'distill':
+        params['lora'] = vsd.add_lora(teacher, cfg.lora_rank, cfg.lora_alpha)
+        trained['teacher'] = teacher
+    student.requires_grad_(True)
+    if cfg.grad_checkpointing:
+        student.grad_checkpointing = True
+    lrs = {'student': cfg.lr_student, 'lora': cfg.lr_lora}
+    opts = {k: torch.optim.AdamW(p, lr=lrs[k], weight_decay=cfg.weight_decay) for k, p in params.items()}
+    ema = None
+    if cfg.ema > 0:
+        ema = M.build(student.cfg).to(device).requires_grad_(False)
+        ema.load_state_dict(student.state_dict())
+        trained['ema'] = ema
+    generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
+    step = load_training_state(out, trained, opts, generator) if cfg.resume else 0
+    student_ddp = DDP(student) if ddp else student
+    teacher_ddp = DDP(teacher) if ddp and cfg.mode == 'distill' else teacher
+    clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip else None
+
+    log = open(out / 'log.jsonl', 'a') if rank == 0 else None
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc=cfg.mode)
+    start_t = cfg.student_t
+    while step < cfg.steps:
+        t0 = time.time()
+        idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
+        c = ctx[idx].to(device)
+        cm = ctx_mask[idx].to(device) if ctx_mask is not None else None
+        with autocast:
+            if cfg.mode == 'teacher':
+                import shapes
+                images, captions = shapes.sample_world(B, seed=cfg.seed * 10**7 + step * world + rank)
+                x0 = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+                c = ctx[[shard.index(p) for p in captions]].to(device)
+                loss = vsd.denoising_loss(student_ddp, pipe.schedule, x0, (c, None), null, 0.0, weighted=False,
+                                          generator=generator)
+                info = {'loss': loss.detach()}
+            else:
+                z = torch.randn(B, student.cfg.in_channels, student.cfg.sample_size, student.cfg.sample_size,
+                                device=device, generator=generator)
+                x0 = vsd.student_generate(student_ddp, pipe.schedule, z, c, cm, start_t)
+                loss, kappa = vsd.vsd_loss(teacher_ddp, pipe.schedule, x0, (c, cm), null, cfg, generator)
+                info = {'vsd': loss.detach()}
+                if clip_loss is not None and cfg.clip_weight > 0:
+                    w = cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1))
+                    lc = clip_loss(pipe.vae.decode(x0), [shard[i] for i in idx])
+                    loss = loss + w * lc
+                    info['clip'] = lc.detach()
+        opts['student'].zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params['student'], cfg.grad_clip)
+        opts['student'].step()
+        if cfg.mode == 'distill':
+            with autocast:
+                ll = vsd.denoising_loss(teacher_ddp, pipe.schedule, x0, (c, cm), null, cfg.null_prob, generator=generator)
+            opts['lora'].zero_grad(set_to_none=True)
+            ll.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params['lora'], cfg.grad_clip)
+            opts['lora'].step()
+            info['lora'] = ll.detach()
+        if ema is not None:
+            lerp_ema(ema, student, cfg.ema)
+        step += 1
+        bar.update(1)
+
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            info = {k: all_reduce_mean(v.float().clone(), world).item() for k, v in info.items()}
+            if cfg.mode == 'distill':
+                info['kappa_mean'] = kappa.mean().item()
+                info['kappa'] = [round(k, 4) for k in kappa.tolist()]
+            if log:
+                log.write(json.dumps({'step': step, **info, 'sec': round(time.time() - t0, 3)}) + '\n')
+                log.flush()
+                bar.set_postfix({k: f'{v:.4f}' for k, v in info.items() if isinstance(v, float)})
+        if rank == 0 and cfg.mode == 'distill' and cfg.val_every and step % cfg.val_every == 0:
+            (out / 'val').mkdir(parents=True, exist_ok=True)
+            student.eval()
+            validation_grid(ema or student, pipe, val_prompts, out / 'val' / f'step-{step:07d}.png', start_t)
+            student.train()
+        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
+            save_training_state(out, step, trained, opts, generator, cfg.keep)
+        if ddp:
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
+    bar.close()
+    if rank == 0:
+        M.save_checkpoint(out / cfg.mode.replace('distill', 'student'), (ema or student).eval(), pipe.vae, pipe.schedule,
+                          text_folder=text_folder, student_t=start_t if cfg.mode == 'distill' else None)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,205 @@
+"""
+The training objective: SwiftBrush's Variational Score Distillation (VSD) of a multi-step teacher
+into a one-step student, with SNOOPI's Proper Guidance (PG-SB, arXiv 2412.02687): the
+classifier-free guidance scale kappa is drawn at random, per sample, from U(kappa_min, kappa_max)
+and applied to both the frozen teacher and the LoRA teacher.
+
+One step, per batch of text states c (and the null prompt's c0):
+  1. student:       z ~ N(0, I) at the start timestep  ->  x0 = (z - sigma_T eps_hat) / alpha_T
+  2. VSD:           x_t = alpha_t x0 + sigma_t eps,  t ~ U{t_min..t_max}
+                    grad = sigma_t^2 (eps_teacher^kappa - eps_lora^kappa)
+                    loss = 0.5 mse(x0, sg(x0 - grad))             -> the student only
+  3. LoRA teacher:  denoising loss on sg(x0) at t ~ U{0..T-1}       -> the LoRA adapters only
+     (denoising_loss; the same function trains a teacher from scratch)
+The frozen and LoRA teachers share one copy of the base weights: the frozen teacher is the LoRA
+teacher with its adapters switched off.
+"""
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# LoRA adapters
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + (alpha / rank) * up(down(x)); `up` starts at zero, so a fresh adapter leaves
+    the base layer's function unchanged."""
+
+    def __init__(self, base: nn.Linear, rank, alpha):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:
+            y = y + self.scale * self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))).to(y.dtype)
+        return y
+
+
+def add_lora(model, rank=64, alpha=128, targets=('to_q', 'to_v')):
+    """Wrap the attention projections named in `targets` with LoRA adapters; returns their parameters."""
+    wrapped = []
+    for module in list(model.modules()):
+        for name in targets:
+            child = getattr(module, name, None)
+            if isinstance(child, nn.Linear):
+                lora = LoRALinear(child, rank, alpha).to(child.weight.device)
+                setattr(module, name, lora)
+                wrapped.append(lora)
+    if not wrapped:
+        raise ValueError(f"no linear layer named {targets} to put LoRA on")
+    return [p for lora in wrapped for p in (lora.lora_down.weight, lora.lora_up.weight)]
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """Run `model` as the frozen teacher: every adapter off."""
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in loras:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in loras:
+            m.enabled = True
+
+
+# -----------------------------------------------------------------------------
+# Denoiser helpers: the network is only a function; the schedule owns the parameterisation
+
+
+def denoise(net, schedule, x_t, t, context, mask=None):
+    """(x0, eps) predicted by `net` at x_t. PixArt's learned-sigma channels are dropped."""
+    out = net(x_t, t, context, mask)[:, :x_t.shape[1]]
+    return schedule.x0_eps(out, x_t, t)
+
+
+def guided_eps(net, schedule, x_t, t, cond, null, kappa):
+    """Classifier-free guidance, eps_u + kappa (eps_c - eps_u), kappa per sample (B,).
+    cond/null are (context, mask) pairs; the two halves run as one batched forward."""
+    B = x_t.shape[0]
+    (c, cm), (u, um) = cond, null
+    context = torch.cat([c, u.expand(B, *u.shape[1:])])
+    mask = None if cm is None else torch.cat([cm, um.expand(B, *um.shape[1:])])
+    _, eps = denoise(net, schedule, x_t.repeat(2, 1, 1, 1), t.repeat(2), context, mask)
+    eps_c, eps_u = eps.chunk(2)
+    return eps_u + kappa.view(-1, 1, 1, 1).to(eps.dtype) * (eps_c - eps_u)
+
+
+# -----------------------------------------------------------------------------
+# PG-SB
+
+
+def option(default, help):
+    return field(default=default, metadata={'help': help})
+
+
+@dataclass
+class VSDConfig:
+    kappa_min: float = option(0.5, 'PG-SB guidance scale kappa ~ U(kappa_min, kappa_max) (Table 6)')
+    kappa_max: float = option(4.0, 'upper end of the random guidance scale')
+    kappa_fixed: float = option(4.5, "SwiftBrush's fixed guidance scale, for a teacher whose kappa is not random")
+    random_kappa: str = option('both', 'which teachers draw kappa at random: both (PG-SB), teacher, lora, none (Table 2)')
+    t_min: int = option(20, 'VSD timesteps t ~ U{t_min..t_max}')
+    t_max: int = option(980, 'upper end of the VSD timesteps')
+    student_t: int = option(-1, "the student's start timestep; -1 is the schedule's last (T - 1)")
+    null_prob: float = option(0.1, "share of prompts replaced by the null prompt in the LoRA teacher's loss")
+    clip_weight: float = option(0.0, 'SwiftBrush v2 clamped CLIP loss weight (needs --clip)')
+    clip_tau: float = option(0.37, 'the clamped CLIP loss stops pushing above this cosine similarity')
+    clip_warmup: int = option(0, 'steps over which the CLIP loss weight ramps up linearly from 0')
+
+
+RANDOM_KAPPA = {'both': (True, True), 'teacher': (True, False), 'lora': (False, True), 'none': (False, False)}
+
+
+def draw_kappa(cfg: VSDConfig, B, device, generator=None):
+    """Guidance scales (frozen teacher, LoRA teacher), each (B,). PG-SB draws one kappa per sample
+    and gives the same one to both teachers; a teacher left out uses the fixed scale."""
+    kappa = cfg.kappa_min + (cfg.kappa_max - cfg.kappa_min) * torch.rand(B, device=device, generator=generator)
+    fixed = torch.full((B,), cfg.kappa_fixed, device=device)
+    rt, rl = RANDOM_KAPPA[cfg.random_kappa]
+    return (kappa if rt else fixed), (kappa if rl else fixed)
+
+
+def student_generate(student, schedule, z, context, mask=None, start_t=-1):
+    """One-step generation: pure noise read as x_T at the start timestep, mapped to x0."""
+    t = torch.full((z.shape[0],), start_t % schedule.T, device=z.device, dtype=torch.long)
+    x0, _ = denoise(student, schedule, z, t, context, mask)
+    return x0
+
+
+def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
+    """The student's VSD loss on its samples x0 (gradient flows into x0 only), and the kappa drawn."""
+    B = x0.shape[0]
+    t = torch.randint(cfg.t_min, cfg.t_max + 1, (B,), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    x_t = schedule.add_noise(x0.detach(), eps, t)
+    kappa_teacher, kappa_lora = draw_kappa(cfg, B, x0.device, generator)
+    with torch.no_grad():
+        with lora_disabled(teacher):
+            eps_teacher = guided_eps(teacher, schedule, x_t, t, cond, null, kappa_teacher)
+        eps_lora = guided_eps(teacher, schedule, x_t, t, cond, null, kappa_lora)
+        _, sigma = schedule.alpha_sigma(t, x0.ndim)
+        grad = torch.nan_to_num(sigma.to(x0.dtype) ** 2 * (eps_teacher - eps_lora))
+    target = (x0 - grad).detach()
+    loss = 0.5 * F.mse_loss(x0.float(), target.float())
+    return loss, kappa_teacher
+
+
+def denoising_loss(net, schedule, x0, cond, null, null_prob, weighted=True, generator=None):
+    """Plain denoising on x0 at t ~ U{0..T-1}, with null_prob of the prompts replaced by the null
+    prompt so the network can do guidance. The LoRA teacher's loss weights the eps error by alpha_t,
+    mse(alpha_t eps_hat, alpha_t eps), as in SwiftBrush; weighted=False is the DDPM simple loss
+    (used to train a teacher from scratch)."""
+    x0 = x0.detach()
+    B = x0.shape[0]
+    t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
+    eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    drop = torch.rand(B, device=x0.device, generator=generator) < null_prob
+    (c, cm), (u, um) = cond, null
+    c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
+    cm = None if cm is None else torch.where(drop.view(-1, 1), um.expand_as(cm), cm)
+    _, eps_hat = denoise(net, schedule, schedule.add_noise(x0, eps, t), t, c, cm)
+    w = schedule.alpha_sigma(t, x0.ndim)[0] if weighted else torch.ones_like(eps[:, :1, :1, :1])
+    return F.mse_loss((w * eps_hat).float(), (w * eps).float())
+
+
+# -----------------------------------------------------------------------------
+# SwiftBrush v2's clamped CLIP loss (optional)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ClampedCLIPLoss(nn.Module):
+    """max(0, tau - cos(CLIP_image(image), CLIP_text(prompt))), averaged: a push towards the prompt
+    that stops once the image is close enough. The image comes through the VAE decoder, so the
+    gradient reaches the student."""
+
+    def __init__(self, folder, tau):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPModel
+        self.clip = CLIPModel.from_pretrained(folder).requires_grad_(False).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        self.tau = tau
+        self.register_buffer('mean', torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images, prompts):
+        size = self.clip.config.vision_config.image_size
+        x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode='bicubic', align_corners=False)
+        img = self.clip.get_image_features(pixel_values=(x - self.mean) / self.std)
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors='pt').to(images.device)
+        txt = self.clip.get_text_features(**tok)
+        cos = F.cosine_similarity(img, txt, dim=-1)
+        return F.relu(self.tau - cos).mean()
