@@ -13,6 +13,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -371,9 +372,39 @@ def save_grid(images, path, scale=4):
                                  Image.NEAREST).save(path)
 
 
+def sampler(checkpoint, steps=1, cfg=1.0):
+    """A generate callable for evaluate(), from a checkpoint folder, through sample.py."""
+    import sample
+    pipe = sample.load(checkpoint)
+
+    def generate(prompts, negative_prompts, nasa_scale, seed):
+        negative = None
+        if negative_prompts:
+            assert len(set(negative_prompts)) == 1, "one negative prompt per call"
+            negative = negative_prompts[0]
+        images = sample.generate(pipe, prompts, negative, nasa_scale, seed=seed, steps=steps, cfg=cfg)
+        return sample.to_uint8(images)
+    return generate
+
+
+def training_curve(teacher, run, n=256, seed=0):
+    """[(step, Frechet distance to real)] for every checkpoint a train.py run kept (the paper's
+    Figure 2 protocol): the student weights at each step, sampled in one step."""
+    import sample
+    from safetensors.torch import load_file
+    pipe = sample.load(teacher)
+    _, captions = sample_world(n, seed + 1)
+    real_feats = features(sample_world(n, seed)[0])
+    curve = []
+    for ckpt in sorted(Path(run, "checkpoints").glob("step-???????")):
+        state = load_file(str(ckpt / "state.safetensors"))
+        pipe.denoiser.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+        images = sample.to_uint8(sample.generate(pipe, captions, seed=seed + 4))
+        curve.append((int(ckpt.name[len("step-"):]), frechet_distance(features(images), real_feats)))
+    return curve
+
+
 def main(argv=None):
-    # Evaluation of trained models goes through evaluate() and format_report(); its
-    # subcommand lives with the sampler, which supplies the generate callables.
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -386,8 +417,42 @@ def main(argv=None):
                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     show.add_argument("out", help="PNG file to write")
     show.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    ev = commands.add_parser("evaluate", help="score a teacher and a one-step student on the world's checks",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ev.add_argument("--teacher", default="checkpoints/shapes_teacher", help="teacher checkpoint ('' to skip)")
+    ev.add_argument("--student", default="checkpoints/shapes_student", help="one-step student checkpoint")
+    ev.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps for the teacher")
+    ev.add_argument("--teacher-cfg", type=float, default=3.0, help="guidance scale for the teacher")
+    ev.add_argument("--nasa-scale", type=float, default=1.0, help="NASA alpha for the negative-prompt rows")
+    ev.add_argument("--n", type=int, default=256, help="images per figure")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
+    ev.add_argument("--json", default="", help="also write the results to this JSON file")
+    cur = commands.add_parser("curve", help="Frechet distance over training steps of train.py runs (Figure 2)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cur.add_argument("runs", nargs="+", help="train.py output folders (their checkpoints/ are read)")
+    cur.add_argument("--teacher", default="checkpoints/shapes_teacher", help="the teacher the runs started from")
+    cur.add_argument("--n", type=int, default=256, help="images per point")
+    cur.add_argument("--json", default="", help="also write the curves to this JSON file")
     args = parser.parse_args(argv)
-    if args.command == "make-text-encoder":
+    if args.command == "curve":
+        curves = {run: training_curve(args.teacher, run, args.n) for run in args.runs}
+        steps = sorted({s for c in curves.values() for s, _ in c})
+        print("| step | " + " | ".join(curves) + " |\n|---|" + "---|" * len(curves))
+        for step in steps:
+            row = [dict(c).get(step) for c in curves.values()]
+            print(f"| {step} | " + " | ".join(_fmt(v) for v in row) + " |")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(curves, f, indent=2)
+    elif args.command == "evaluate":
+        torch.manual_seed(args.seed)
+        teacher = sampler(args.teacher, args.teacher_steps, args.teacher_cfg) if args.teacher else None
+        results = evaluate(teacher, sampler(args.student), n=args.n, seed=args.seed, nasa_scale=args.nasa_scale)
+        print(format_report(results))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+    elif args.command == "make-text-encoder":
         make_text_encoder(args.out, seed=args.seed, hidden_size=args.hidden_size)
         print(f"wrote {args.out}/text_encoder and {args.out}/tokenizer")
     else:
