@@ -1,0 +1,697 @@
+"""
+Benchmark: our networks, one-step generation, the PG-SB training step and NASA, each beside a
+reference built from diffusers (and peft for the LoRA teacher, as the public SwiftBrush training
+script does) holding the same random weights, with the ratio ours / reference.
+
+    python bench.py                          # every figure the device allows
+    python bench.py --quick                  # tiny presets and the smallest real-config sizes
+    python bench.py --device cpu --json bench.json
+
+Figures
+  1. forward time of the SD2.1 UNet, the PixArt-alpha DiT and the SD VAE decoder (real configs and
+     the tiny presets); on the CPU the real configs run at small latent sizes, stated in the table
+  2. one-step 512x512 generation, SD2.1 architecture, bf16, batch 1 and 16 (GPU): denoiser + VAE
+     decode against diffusers' one-step path (UNet, Euler step, VAE decode) and against the floor
+     that the FLOP count and the device's measured bf16 matmul rate give
+  3. one PG-SB training step (images/s and peak memory): ours (vsd.py, one base shared by the
+     frozen and LoRA teachers, cond/uncond batched) against the SwiftBrush-style step (three
+     diffusers UNets, a peft LoRA copy of the teacher, four separate teacher forwards)
+  4. NASA's overhead: one-step generation with a negative prompt against without (ours only)
+
+Every pair is checked to agree numerically before it is timed (the `rel err` column: max |ours -
+ref| / max |ref|). Times are medians of --repeats runs after a warm-up, ours and the reference
+interleaved so that background load hits both alike; the GPU is synchronised around each run.
+On a CPU shared with other work, pass --threads 1: threads that must all meet at every parallel
+region stall behind the other work, and the timings then measure the scheduler.
+Diffusers and peft are imported here and in the tests only, never by the project's modules.
+"""
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import convert
+import model as M
+import nasa
+import vsd
+
+# Reported FLOPs per 512x512 image (figure 2's floor), in TFLOP.
+TFLOP_DENOISER, TFLOP_VAE_DECODER = 0.80, 2.5
+NOT_MEASURED = 'not measured (no CUDA device)'
+
+
+@dataclass
+class Options:
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    repeats: int = 5
+    warmup: int = 1
+    quick: bool = False
+    compile: bool = False
+    channels_last: bool = False
+
+
+# -----------------------------------------------------------------------------
+# The reference networks (diffusers), and ours holding the same weights
+
+
+def diffusers_net(cfg, seed=0):
+    """The diffusers network for one of our configs (convert.py writes the config), with weights
+    drawn by diffusers' own initialisers from a fixed seed."""
+    import diffusers
+    cls, config = {M.UNetConfig: (diffusers.UNet2DConditionModel, convert.diffusers_unet_config),
+                   M.DiTConfig: (diffusers.PixArtTransformer2DModel, convert.diffusers_dit_config),
+                   M.VAEConfig: (diffusers.AutoencoderKL, convert.diffusers_vae_config)}[type(cfg)]
+    torch.manual_seed(seed)
+    return cls.from_config(config(cfg))
+
+
+def ours_from(ref, cfg):
+    """Our network for `cfg` holding a copy of the diffusers network's weights."""
+    return ours_from_state(ref.state_dict(), cfg)
+
+
+def ours_from_state(state, cfg):
+    """Our network for `cfg` from a copy of a diffusers state dict, renamed and loaded strictly by
+    convert.py."""
+    state = {convert.to_ours(k): v.detach().clone() for k, v in state.items()}
+    return convert.load_strict(cfg, state, 'the diffusers reference')
+
+
+def diffusers_from_state(state, cfg):
+    """The diffusers network for `cfg` holding a copy of `state`."""
+    with torch.device('meta'):
+        net = diffusers_net(cfg)
+    net.load_state_dict({k: v.detach().clone() for k, v in state.items()}, strict=True, assign=True)
+    return net
+
+
+def pair(cfg, opt, seed=0):
+    """(ours, reference) for a config, same weights, on the device in opt.dtype, eval mode."""
+    ref = diffusers_net(cfg, seed)
+    ours = ours_from(ref, cfg)
+    if opt.channels_last:  # 4-D weights in NHWC order: every conv then runs channels-last
+        ours = ours.to(memory_format=torch.channels_last)
+    return (ours.to(opt.device, opt.dtype).eval().requires_grad_(False),
+            ref.to(opt.device, opt.dtype).eval().requires_grad_(False))
+
+
+def compiled(net, opt):
+    """--compile: torch.compile our network (the VAE: its decoder, the part that is timed)."""
+    if not opt.compile:
+        return net
+    if isinstance(net, M.VAE):
+        net.decoder = torch.compile(net.decoder)
+        return net
+    return torch.compile(net)
+
+
+def free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# Timing
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def seconds(fn, n, device):
+    """Wall-clock seconds per call of fn over n back-to-back calls."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / n
+
+
+def time_pair(ours, ref, opt, min_sample=0.05):
+    """Median seconds per call of ours() and ref() over opt.repeats samples each, after opt.warmup
+    calls of each. A sample is enough back-to-back calls to last min_sample seconds (one call of
+    anything big), so that timer and scheduler noise stay small beside it; the two alternate, and
+    swap order every round, so that background load hits both alike."""
+    for _ in range(opt.warmup):
+        ours(), ref()
+    n = max(1, int(min_sample / max(seconds(ours, 1, opt.device), 1e-6)))
+    times = ([], [])
+    for i in range(opt.repeats):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            times[k].append(seconds((ours, ref)[k], n, opt.device))
+    return statistics.median(times[0]), statistics.median(times[1])
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|: a relative error that does not blow up where b crosses zero."""
+    a, b = a.detach().float(), b.detach().float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def tolerance(dtype):
+    """Agreement required between the two implementations: the project's parity bound in float32;
+    in half precision, rounding in a different order of operations."""
+    return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+# -----------------------------------------------------------------------------
+# Table rows
+
+
+@dataclass
+class Row:
+    figure: int
+    what: str
+    ours: float = None         # in `unit`; None: not measured
+    ref: float = None
+    unit: str = 'ms'
+    goal: str = ''             # e.g. '<= 0.8'; '' : none
+    err: float = None          # max relative error between the two outputs (or losses)
+    tol: float = None          # the agreement the error is checked against
+    note: str = ''
+
+    @property
+    def ratio(self):
+        return None if self.ours is None or self.ref in (None, 0) else self.ours / self.ref
+
+    @property
+    def met(self):
+        if not self.goal or self.ratio is None:
+            return None
+        op, value = self.goal.split()
+        return self.ratio <= float(value) if op == '<=' else self.ratio >= float(value)
+
+    @property
+    def agrees(self):
+        return None if self.err is None else self.err <= self.tol
+
+    def asdict(self):
+        return {**asdict(self), 'ratio': self.ratio, 'met': self.met, 'agrees': self.agrees}
+
+
+def fmt(value, unit):
+    if value is None:
+        return '—'
+    if unit == 'ms':
+        return f'{value * 1e3:.2f} ms' if value < 0.1 else f'{value * 1e3:.0f} ms'
+    return f'{value:.3g} {unit}'
+
+
+def table(rows):
+    """One markdown table per figure."""
+    titles = {1: 'Figure 1: forward time', 2: 'Figure 2: one-step generation (text encoding excluded)',
+              3: 'Figure 3: one PG-SB training step', 4: "Figure 4: NASA's overhead (ours only: reference = without NASA)"}
+    out = []
+    for fig in sorted({r.figure for r in rows}):
+        out += ['', f'### {titles[fig]}', '',
+                '| what | ours | reference | ratio ours/ref | goal | met? | rel err |',
+                '|---|---|---|---|---|---|---|']
+        for r in (r for r in rows if r.figure == fig):
+            if r.note:
+                out.append(f'| {r.what} | {r.note} | {r.note} | — | {r.goal or "—"} | — | — |')
+                continue
+            met = {None: '—', True: 'yes', False: 'no'}[r.met]
+            err = '—' if r.err is None else f'{r.err:.1e}' + ('' if r.agrees else ' (DISAGREE)')
+            out.append(f'| {r.what} | {fmt(r.ours, r.unit)} | {fmt(r.ref, r.unit)} | {r.ratio:.3f} '
+                       f'| {r.goal or "—"} | {met} | {err} |')
+    return '\n'.join(out)
+
+
+def cpu_goal(preset):
+    """The CPU forward-time goals: ours at most the reference's time at the real configs, at most
+    0.8 of it at the tiny presets (where Python overhead decides)."""
+    return '<= 0.8' if preset.startswith('tiny') else '<= 1.0'
+
+
+# -----------------------------------------------------------------------------
+# Figure 1: forward time
+
+
+def inputs(cfg, size, batch, opt, seed=0):
+    """Random network inputs: (x, t, context, mask). The DiT gets a T5-like mask (first 20 of 120
+    tokens real); the UNet a 77-token CLIP-like context."""
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(cfg, M.VAEConfig):
+        return torch.randn(batch, cfg.latent_channels, size, size, generator=g).to(opt.device, opt.dtype),
+    dit = isinstance(cfg, M.DiTConfig)
+    L, C = (120, cfg.caption_channels) if dit else (77, cfg.context_dim)
+    x = torch.randn(batch, cfg.in_channels, size, size, generator=g)
+    context = torch.randn(batch, L, C, generator=g)
+    mask = torch.arange(L)[None].expand(batch, L) < 20 if dit else None
+    t = torch.full((batch,), 500, dtype=torch.long)
+    return (x.to(opt.device, opt.dtype), t.to(opt.device), context.to(opt.device, opt.dtype),
+            None if mask is None else mask.to(opt.device))
+
+
+def forward_fns(ours, ref, cfg, args):
+    """Zero-argument calls of our network and the reference on the same inputs."""
+    if isinstance(cfg, M.VAEConfig):
+        z, = args
+        return lambda: ours.decode(z), lambda: ref.decode(z / cfg.scaling_factor).sample
+    x, t, context, mask = args
+    if isinstance(cfg, M.DiTConfig):
+        cond, ref_mask = {'resolution': None, 'aspect_ratio': None}, mask.long()  # diffusers takes a 0/1 mask
+        return (lambda: ours(x, t, context, mask),
+                lambda: ref(x, context, timestep=t, added_cond_kwargs=cond, encoder_attention_mask=ref_mask).sample)
+    return lambda: ours(x, t, context), lambda: ref(x, t, encoder_hidden_states=context).sample
+
+
+def bench_forward(preset, size, opt, batch=1, goal=None):
+    """Figure 1, one row: forward time of a network preset at size x size latents."""
+    cfg = M.PRESETS[preset]
+    ours, ref = pair(cfg, opt)
+    ours = compiled(ours, opt)
+    args = inputs(cfg, size, batch, opt)
+    f_ours, f_ref = forward_fns(ours, ref, cfg, args)
+    with torch.inference_mode():
+        err = rel_err(f_ours(), f_ref())
+        t_ours, t_ref = time_pair(f_ours, f_ref, opt)
+    name = {M.UNetConfig: 'UNet', M.DiTConfig: 'DiT', M.VAEConfig: 'VAE decoder'}[type(cfg)]
+    dtype = str(opt.dtype).replace('torch.', '')
+    row = Row(1, f'{name} {preset}, {size}x{size} latents, batch {batch}, {dtype}', t_ours, t_ref,
+              goal=goal if goal is not None else (cpu_goal(preset) if opt.device.type == 'cpu' else ''),
+              err=err, tol=tolerance(opt.dtype))
+    del ours, ref
+    free()
+    return row
+
+
+def figure1(opt):
+    if opt.device.type == 'cpu':
+        sizes = (8,) if opt.quick else (8, 16)
+    else:
+        sizes = (32,) if opt.quick else (32, 64)
+    rows = []
+    for preset in ('tiny_unet', 'tiny_dit', 'tiny_vae'):
+        rows.append(bench_forward(preset, 16, opt))
+    for preset in ('sd21', 'pixart_alpha_512', 'sd_vae'):
+        for size in sizes:
+            rows.append(bench_forward(preset, size, opt))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Figure 2: one-step generation
+
+
+def euler_one_step(scheduler, unet, vae, z, context, clamp=True):
+    """diffusers' one-step path (as SD-Turbo's pipeline runs it): Euler, trailing timesteps, 1 step."""
+    scheduler.set_timesteps(1, device=z.device)
+    t = scheduler.timesteps[0]
+    # Euler's x_T for our variance-preserving x_T = z. (Its init_noise_sigma is sigma_max itself for
+    # trailing spacing, which would feed the UNet 0.998 z: a 0.2% difference in the input, not in speed.)
+    latents = z * (scheduler.sigmas[0] ** 2 + 1) ** 0.5
+    eps = unet(scheduler.scale_model_input(latents, t), t, encoder_hidden_states=context).sample
+    x0 = scheduler.step(eps, t, latents).prev_sample
+    image = vae.decode(x0 / vae.config.scaling_factor).sample
+    return image.clamp(-1, 1) if clamp else image
+
+
+def ours_one_step(unet, vae, schedule, z, context, clamp=True):
+    """Our one-step generation: the student from its start timestep, then the VAE decoder."""
+    image = vae.decode(vsd.student_generate(unet, schedule, z, context))
+    return image.clamp(-1, 1) if clamp else image
+
+
+def generation_pair(unet_preset, vae_preset, opt):
+    """Our (UNet, VAE, schedule) and the reference (UNet, VAE, Euler scheduler), same weights."""
+    from diffusers import EulerDiscreteScheduler
+    cfg = M.PRESETS[unet_preset]
+    unet, ref_unet = pair(cfg, opt)
+    vae, ref_vae = pair(M.PRESETS[vae_preset], opt, seed=1)
+    unet, vae = compiled(unet, opt), compiled(vae, opt)
+    s = M.SCHEDULES['sd']
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start,
+                                       beta_end=s.beta_end, beta_schedule=s.beta_schedule, timestep_spacing='trailing')
+    return (unet, vae, M.NoiseSchedule(s).to(opt.device)), (ref_unet, ref_vae, scheduler)
+
+
+def generation_inputs(cfg, size, batch, opt, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, cfg.in_channels, size, size, generator=g).to(opt.device, opt.dtype)
+    context = torch.randn(batch, 77, cfg.context_dim, generator=g).to(opt.device, opt.dtype)
+    return z, context
+
+
+def bench_generation(unet_preset, vae_preset, size, batches, opt, goal='', models=None):
+    """Figure 2: one-step generation at size x size latents for each batch size; one row each."""
+    (unet, vae, schedule), (ref_unet, ref_vae, scheduler) = models or generation_pair(unet_preset, vae_preset, opt)
+    rows = []
+    for batch in batches:
+        z, context = generation_inputs(M.PRESETS[unet_preset], size, batch, opt)
+        f_ours = lambda: ours_one_step(unet, vae, schedule, z, context)
+        f_ref = lambda: euler_one_step(scheduler, ref_unet, ref_vae, z, context)
+        with torch.inference_mode():  # compared before the clamp, which random weights would saturate
+            err = rel_err(ours_one_step(unet, vae, schedule, z, context, clamp=False),
+                          euler_one_step(scheduler, ref_unet, ref_vae, z, context, clamp=False))
+            t_ours, t_ref = time_pair(f_ours, f_ref, opt)
+        px = size * 2 ** (len(M.PRESETS[vae_preset].channels) - 1)
+        dtype = str(opt.dtype).replace('torch.', '')
+        rows.append(Row(2, f'{unet_preset} + {vae_preset}, {px}x{px} px, batch {batch}, {dtype}', t_ours, t_ref,
+                        goal=goal, err=err, tol=tolerance(opt.dtype)))
+    return rows
+
+
+def matmul_rate(opt, n=8192):
+    """The device's measured bf16 matrix rate in TFLOP/s (one n x n x n matmul, median of repeats)."""
+    a = torch.randn(n, n, device=opt.device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=opt.device, dtype=torch.bfloat16)
+    seconds(lambda: a @ b, 3, opt.device)  # warm-up
+    return 2 * n ** 3 / statistics.median(seconds(lambda: a @ b, 10, opt.device) for _ in range(opt.repeats)) / 1e12
+
+
+def figure2(opt):
+    rows = []
+    if opt.device.type == 'cuda':
+        gen_opt = dataclasses.replace(opt, dtype=torch.bfloat16)
+        models = generation_pair('sd21', 'sd_vae', gen_opt)
+        batches = (1, 16)
+        rows += bench_generation('sd21', 'sd_vae', 64, batches, gen_opt, goal='<= 0.6', models=models)
+        rate, tflop = matmul_rate(gen_opt), TFLOP_DENOISER + TFLOP_VAE_DECODER
+        for batch, r in zip(batches, list(rows)):
+            rows.append(Row(2, f'ours against the FLOP floor, batch {batch} (reference = {batch} x {tflop} TFLOP '
+                               f'at the measured bf16 matmul rate, {rate:.0f} TFLOP/s)', r.ours, batch * tflop / rate))
+        del models
+        free()
+    else:
+        for batch in (1, 16):
+            rows.append(Row(2, f'sd21 + sd_vae, 512x512 px, batch {batch}, bfloat16', goal='<= 0.6', note=NOT_MEASURED))
+        rows.append(Row(2, 'ours against the FLOP floor (bf16 matmul rate)', note=NOT_MEASURED))
+    # the tiny presets run everywhere, so the code path above is exercised on any machine
+    rows += bench_generation('tiny_unet', 'tiny_vae', 16, (1,), opt)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Figure 3: one PG-SB training step
+
+
+LORA_RANK, LORA_ALPHA = 64, 128  # SNOOPI Table 6
+
+
+def autocast(device):
+    return torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+
+
+class OursPGSB:
+    """Our step, as train.py runs it: vsd.student_generate + vsd.vsd_loss + vsd.denoising_loss, one
+    teacher whose LoRA adapters are switched off for the frozen pass, cond/uncond batched. Frozen
+    base weights in `frozen_dtype`; the student and the adapters train in fp32 (bf16 autocast on GPU)."""
+
+    def __init__(self, state, lora_state, cfg, device, frozen_dtype):
+        self.cfg, self.device = cfg, device
+        self.student = ours_from_state(state, cfg).to(device).train()
+        self.teacher = ours_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
+        lora_params = vsd.add_lora(self.teacher, LORA_RANK, LORA_ALPHA)
+        load_lora(self.teacher, lora_state)
+        self.schedule = M.NoiseSchedule(M.SCHEDULES['sd']).to(device)
+        self.vsd = vsd.VSDConfig()
+        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=1e-6)
+        self.opt_lora = torch.optim.AdamW(lora_params, lr=1e-3)
+        self.student_params, self.lora_params = list(self.student.parameters()), lora_params
+
+    def step(self, z, c, null, generator):
+        with autocast(self.device):
+            x0 = vsd.student_generate(self.student, self.schedule, z, c)
+            loss, _ = vsd.vsd_loss(self.teacher, self.schedule, x0, (c, None), null, self.vsd, generator)
+        self.opt_student.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student_params, 1.0)
+        self.opt_student.step()
+        with autocast(self.device):
+            lora_loss = vsd.denoising_loss(self.teacher, self.schedule, x0, (c, None), null, self.vsd.null_prob,
+                                           generator=generator)
+        self.opt_lora.zero_grad(set_to_none=True)
+        lora_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.lora_params, 1.0)
+        self.opt_lora.step()
+        return loss.detach(), lora_loss.detach()
+
+
+class RefPGSB:
+    """The step as the public SwiftBrush script builds it: three diffusers UNets (student, frozen
+    teacher, a peft-LoRA copy of the teacher), four separate teacher forwards, DDPMScheduler noise.
+    Random numbers are drawn in the same order as vsd.py, so the two steps compute the same losses."""
+
+    def __init__(self, state, lora_state, cfg, device, frozen_dtype):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
+        self.cfg, self.device = cfg, device
+        self.student = diffusers_from_state(state, cfg).to(device).train()
+        self.teacher = diffusers_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
+        self.lora = copy.deepcopy(self.teacher)
+        self.lora.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
+                                         init_lora_weights='gaussian'))
+        unexpected = self.lora.load_state_dict(lora_state, strict=False).unexpected_keys
+        assert not unexpected, f'LoRA weights peft does not know: {unexpected[:3]}'
+        cast_training_params(self.lora, dtype=torch.float32)
+        s = M.SCHEDULES['sd']
+        self.scheduler = DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start,
+                                       beta_end=s.beta_end, beta_schedule=s.beta_schedule)
+        self.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
+        self.vsd = vsd.VSDConfig()
+        self.student_params = list(self.student.parameters())
+        self.lora_params = [p for p in self.lora.parameters() if p.requires_grad]
+        self.opt_student = torch.optim.AdamW(self.student_params, lr=1e-6)
+        self.opt_lora = torch.optim.AdamW(self.lora_params, lr=1e-3)
+
+    def step(self, z, c, null, generator):
+        u, _ = null
+        B, T, v = z.shape[0], self.scheduler.config.num_train_timesteps, self.vsd
+        a = lambda t: self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        with autocast(self.device):
+            t_student = torch.full((B,), T - 1, device=z.device, dtype=torch.long)
+            eps_hat = self.student(z, t_student, encoder_hidden_states=c).sample
+            x0 = (z - (1 - a(t_student)).sqrt() * eps_hat) / a(t_student).sqrt()
+            t = torch.randint(v.t_min, v.t_max + 1, (B,), device=z.device, generator=generator)
+            eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
+            x_t = self.scheduler.add_noise(x0.detach(), eps, t)
+            kappa = v.kappa_min + (v.kappa_max - v.kappa_min) * torch.rand(B, device=z.device, generator=generator)
+            kappa = kappa.view(-1, 1, 1, 1)
+            with torch.no_grad():
+                uncond = u.expand_as(c)
+                teacher_c = self.teacher(x_t, t, encoder_hidden_states=c).sample
+                teacher_u = self.teacher(x_t, t, encoder_hidden_states=uncond).sample
+                lora_c = self.lora(x_t, t, encoder_hidden_states=c).sample
+                lora_u = self.lora(x_t, t, encoder_hidden_states=uncond).sample
+                eps_teacher = teacher_u + kappa * (teacher_c - teacher_u)
+                eps_lora = lora_u + kappa * (lora_c - lora_u)
+                grad = torch.nan_to_num((1 - a(t)) * (eps_teacher - eps_lora))
+            loss = 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float())
+        self.opt_student.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student_params, 1.0)
+        self.opt_student.step()
+        with autocast(self.device):
+            x0 = x0.detach()
+            t = torch.randint(0, T, (B,), device=z.device, generator=generator)
+            eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
+            drop = torch.rand(B, device=z.device, generator=generator) < v.null_prob
+            c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
+            eps_pred = self.lora(self.scheduler.add_noise(x0, eps, t), t, encoder_hidden_states=c).sample
+            w = a(t).sqrt()
+            lora_loss = F.mse_loss((w * eps_pred).float(), (w * eps).float())
+        self.opt_lora.zero_grad(set_to_none=True)
+        lora_loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.lora_params, 1.0)
+        self.opt_lora.step()
+        return loss.detach(), lora_loss.detach()
+
+
+def lora_weights(cfg, seed=2):
+    """peft LoRA weights for the teacher (keys as peft names them), with a non-zero up-projection
+    so that the LoRA teacher differs from the frozen one and the VSD loss is not trivially 0."""
+    from peft import LoraConfig
+    teacher = diffusers_net(cfg)
+    teacher.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
+                                   init_lora_weights='gaussian'))
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for k, v in teacher.state_dict().items():
+        if 'lora_A' in k:
+            state[k] = v.clone()
+        elif 'lora_B' in k:
+            state[k] = 1e-2 * torch.randn(v.shape, generator=g)
+    return state
+
+
+def load_lora(teacher, lora_state):
+    """Copy peft's LoRA weights (lora_A/lora_B) into our adapters (lora_down/lora_up)."""
+    ours = {}
+    for k, v in lora_state.items():  # e.g. ...attn1.to_q.lora_A.default_0.weight -> ...attn1.to_q.lora_down.weight
+        k = re.sub(r'\.lora_A\.[^.]+\.', '.lora_down.', re.sub(r'\.lora_B\.[^.]+\.', '.lora_up.', k))
+        ours[convert.to_ours(k)] = v
+    missing = set(ours) - set(teacher.state_dict())
+    if missing:
+        raise KeyError(f'LoRA keys with no place in our teacher: {sorted(missing)[:3]}')
+    teacher.load_state_dict(ours, strict=False)
+
+
+def run_pgsb(cls, state, lora_state, cfg, size, batch, opt, frozen_dtype):
+    """Build one implementation's step on the device, run it, and measure it on its own:
+    (first step's losses, median seconds per step, peak memory in GiB or None on the CPU)."""
+    free()
+    if opt.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    setup = cls(state, lora_state, cfg, opt.device, frozen_dtype)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(batch, cfg.in_channels, size, size, generator=g).to(opt.device)
+    c = torch.randn(batch, 77, cfg.context_dim, generator=g).to(opt.device)
+    null = (torch.randn(1, 77, cfg.context_dim, generator=g).to(opt.device), None)
+    generator = torch.Generator(opt.device).manual_seed(0)
+    losses = setup.step(z, c, null, generator)
+    for _ in range(opt.warmup):
+        setup.step(z, c, null, generator)
+    times = [seconds(lambda: setup.step(z, c, null, generator), 1, opt.device) for _ in range(opt.repeats)]
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if opt.device.type == 'cuda' else None
+    del setup
+    free()
+    return torch.stack(losses), statistics.median(times), peak
+
+
+def bench_pgsb(preset, size, batch, opt, goals=True):
+    """Figure 3: one PG-SB step, ours against the reference; rows for images/s and peak memory.
+    Each implementation is built and measured alone (not interleaved), so that peak memory is its own."""
+    cfg = M.PRESETS[preset]
+    state = diffusers_net(cfg).state_dict()
+    lora_state = lora_weights(cfg)
+    frozen = torch.bfloat16 if opt.device.type == 'cuda' else torch.float32
+    ref_losses, ref_t, ref_mem = run_pgsb(RefPGSB, state, lora_state, cfg, size, batch, opt, frozen)
+    losses, t, mem = run_pgsb(OursPGSB, state, lora_state, cfg, size, batch, opt, frozen)
+    err = rel_err(losses, ref_losses)
+    prec = 'bf16 autocast, frozen weights bf16' if opt.device.type == 'cuda' else 'fp32'
+    what = f'{preset}, {size}x{size} latents, batch {batch}, {prec}'
+    # the error is between the first step's two losses; bf16 autocast rounds the small difference of
+    # the two teachers' predictions that the VSD loss is made of, hence the looser bound there
+    rows = [Row(3, f'{what}: images/s (higher is better)', batch / t, batch / ref_t, unit='img/s',
+                goal='>= 1.5' if goals else '', err=err, tol=1e-4 if opt.device.type == 'cpu' else 1e-1)]
+    if mem is not None:
+        rows.append(Row(3, f'{what}: peak memory', mem, ref_mem, unit='GiB', goal='<= 0.7' if goals else ''))
+    else:
+        rows.append(Row(3, f'{what}: peak memory', note='n/a (CPU)'))
+    return rows
+
+
+def figure3(opt):
+    rows = []
+    if opt.device.type == 'cuda':
+        rows += bench_pgsb('sd21', 64, 4, opt)
+    else:
+        rows.append(Row(3, 'sd21, 64x64 latents, batch 4, bf16: images/s (higher is better)', goal='>= 1.5',
+                        note=NOT_MEASURED))
+        rows.append(Row(3, 'sd21, 64x64 latents, batch 4, bf16: peak memory', goal='<= 0.7', note=NOT_MEASURED))
+    rows += bench_pgsb('tiny_unet', 16, 4, opt)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Figure 4: NASA's overhead
+
+
+def bench_nasa(unet_preset, vae_preset, size, batch, opt, models=None):
+    """Figure 4: our one-step generation with NASA (a negative prompt) against without."""
+    (unet, vae, schedule), _ = models or generation_pair(unet_preset, vae_preset, opt)
+    z, context = generation_inputs(M.PRESETS[unet_preset], size, batch, opt)
+    negative = torch.randn(1, *context.shape[1:], generator=torch.Generator().manual_seed(3)).to(context)
+    paired, _ = nasa.pair(context, negative)
+    nasa_unet = copy.deepcopy(getattr(unet, '_orig_mod', unet))  # NASA on for good in a copy: no recompiles
+    nasa.enable(nasa_unet, nasa.default_alpha(nasa_unet))
+    nasa_unet = compiled(nasa_unet, opt)
+    with torch.inference_mode():
+        t_with, t_without = time_pair(lambda: ours_one_step(nasa_unet, vae, schedule, z, paired),
+                                      lambda: ours_one_step(unet, vae, schedule, z, context), opt)
+    px = size * 2 ** (len(M.PRESETS[vae_preset].channels) - 1)
+    goal = '<= 1.05' if not unet_preset.startswith('tiny') else ''
+    return Row(4, f'{unet_preset} + {vae_preset}, {px}x{px} px, batch {batch}: with / without NASA', t_with, t_without,
+               goal=goal)
+
+
+def figure4(opt):
+    rows = []
+    if opt.device.type == 'cuda':
+        gen_opt = dataclasses.replace(opt, dtype=torch.bfloat16)
+        models = generation_pair('sd21', 'sd_vae', gen_opt)
+        rows += [bench_nasa('sd21', 'sd_vae', 64, b, gen_opt, models=models) for b in (1, 16)]
+        del models
+        free()
+    else:
+        rows += [Row(4, f'sd21 + sd_vae, 512x512 px, batch {b}, bf16: with / without NASA', goal='<= 1.05',
+                     note=NOT_MEASURED) for b in (1, 16)]
+        rows.append(bench_nasa('sd21', 'sd_vae', 8, 1, opt))
+    rows.append(bench_nasa('tiny_unet', 'tiny_vae', 16, 1, opt))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device (default: %(default)s)')
+    a('--quick', action='store_true', help='tiny presets and only the smallest real-config sizes (default: off)')
+    a('--compile', action='store_true', help='torch.compile our networks in figures 1, 2 and 4; the reference runs '
+                                             'eager, as its scripts do (default: off)')
+    a('--channels-last', action='store_true', help='run our convolutional networks in channels-last memory format; '
+                                                   'the reference keeps the default format (default: off)')
+    a('--dtype', choices=['auto', 'float32', 'bfloat16', 'float16'], default='auto',
+      help='weights and activations of figure 1 and of the small rows of figures 2 and 4 (their 512x512 GPU rows '
+           'are bf16 by definition; figure 3 trains fp32 weights under bf16 autocast on the GPU, fp32 on the CPU); '
+           'auto: bfloat16 on CUDA, float32 on the CPU (default: %(default)s)')
+    a('--repeats', type=int, default=5, help='timed samples per measurement; the median is reported '
+                                             '(default: %(default)s)')
+    a('--figures', default='1,2,3,4', help='comma-separated figures to run (default: %(default)s)')
+    a('--threads', type=int, help="torch CPU threads (default: torch's own setting, left as it is)")
+    a('--json', metavar='OUT', help='also write the rows to this JSON file (default: none)')
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dtype == 'auto':
+        dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
+    else:
+        dtype = getattr(torch, args.dtype)
+    opt = Options(device, dtype, args.repeats, quick=args.quick, compile=args.compile,
+                  channels_last=args.channels_last)
+    import diffusers
+    diffusers.utils.logging.set_verbosity_error()  # its advice on casting with .to() does not apply here
+    print(f'device {device} ({torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"}), '
+          f'torch {torch.__version__}, {torch.get_num_threads()} threads, dtype {args.dtype}, '
+          f'repeats {args.repeats}{", quick" if args.quick else ""}{", ours compiled" if args.compile else ""}'
+          f'{", ours channels-last" if args.channels_last else ""}')
+    start = time.time()
+    figures = {1: figure1, 2: figure2, 3: figure3, 4: figure4}
+    rows = []
+    for f in (int(x) for x in args.figures.split(',')):
+        fig_rows = figures[f](opt)
+        print(table(fig_rows), flush=True)
+        rows += fig_rows
+    wall = time.time() - start
+    print(f'\nwall time {wall:.0f} s')
+    if args.json:
+        meta = {'device': str(device), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
+                'dtype': args.dtype, 'repeats': args.repeats, 'quick': args.quick, 'compile': args.compile,
+                'channels_last': args.channels_last, 'wall_s': wall}
+        with open(args.json, 'w') as f:
+            json.dump({**meta, 'rows': [r.asdict() for r in rows]}, f, indent=2)
+    bad = [r.what for r in rows if r.agrees is False]
+    if bad:
+        raise SystemExit(f'bench.py: ours and the reference disagree in: {bad}')
+
+
+if __name__ == '__main__':
+    main()
