@@ -2,11 +2,14 @@
 table is well-formed (the full benchmark is `python bench.py`)."""
 import json
 import math
+import os
+import sys
 
 import pytest
 import torch
 
-import bench
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+import bench  # noqa: E402
 
 OPT = bench.Options(torch.device('cpu'), torch.float32, repeats=1, warmup=0)
 
