@@ -64,15 +64,15 @@ def enable(model, alpha, layers=None):
     """Put NASA in every cross-attention layer of `model` (UNet or DiT), or in those whose name
     contains one of `layers` (e.g. ['up_blocks'] or ['transformer_blocks.3.']). The other
     cross-attention layers still receive the stacked context and attend to the positive half."""
-    selected = 0
-    for name, module in cross_attention_layers(model).items():
-        chosen = layers is None or any(s in name for s in layers)
-        module.processor = NASA(alpha if chosen else 0.0)
-        selected += chosen
-    if selected == 0:
+    found = cross_attention_layers(model)
+    chosen = {name for name in found if layers is None or any(s in name for s in layers)}
+    if not chosen:  # checked before any layer changes, so a bad name leaves the model as it was
         raise ValueError(f"no cross-attention layer matches {layers}: names look like "
-                         f"{next(iter(cross_attention_layers(model)), '(none)')}")
-    return selected
+                         f"{next(iter(found), '(none)')}")
+    on, off = NASA(alpha), NASA(0.0)
+    for name, module in found.items():
+        module.processor = on if name in chosen else off
+    return len(chosen)
 
 
 def disable(model):

@@ -30,21 +30,20 @@ def load(checkpoint, device='cpu', dtype=torch.float32):
     path = Path(checkpoint)
     if not path.is_dir():
         raise SampleError(f"checkpoint {checkpoint} not found: pass a folder written by convert.py or train.py")
-    if (path / 'model_index.json').is_file():
-        import convert
-        denoiser, vae, schedule = convert.read_diffusers(path)
-        return M.Pipeline(denoiser.to(device, dtype).eval(), vae.to(device, dtype).eval(), schedule.to(device),
-                          M.TextEncoder(path).to(device))
     try:
+        if (path / 'model_index.json').is_file():
+            import convert
+            return convert.read_diffusers(path, device, dtype)  # a model.Pipeline, converted in memory
         return M.load_checkpoint(path, device, dtype)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # convert.ConversionError is a ValueError
         raise SampleError(str(e)) from None
 
 
 def latent_size(pipe, height, width):
     """Latent (h, w) for an image size, checked against what the network can take."""
     cfg = pipe.denoiser.cfg
-    down = 8 if isinstance(pipe.vae, M.VAE) else 1            # the VAE's downsampling
+    vae = pipe.vae  # each VAE level but the last halves the image (SD: 8x)
+    down = 2 ** (len(vae.cfg.channels) - 1) if isinstance(vae, M.VAE) else 1
     size = cfg.sample_size * down
     height, width = height or size, width or size
     if isinstance(cfg, M.UNetConfig):
@@ -54,7 +53,7 @@ def latent_size(pipe, height, width):
         multiple, why = down * cfg.patch_size, f"the DiT cuts the latent into {cfg.patch_size}x{cfg.patch_size} patches"
     if height % multiple or width % multiple or height <= 0 or width <= 0:
         raise SampleError(f"size {height}x{width} cannot be generated: height and width must be positive multiples "
-                          f"of {multiple} ({why}{' on 8x-downsampled latents' if down > 1 else ''})")
+                          f"of {multiple} ({why}{f' on {down}x-downsampled latents' if down > 1 else ''})")
     return height // down, width // down
 
 
@@ -77,7 +76,10 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
         if use_nasa:
             u, um = pipe.text_encoder([negative])
             c, cm = nasa.pair(c, u.to(dtype), cm, um)
-            nasa.enable(net, nasa_scale, layers)
+            try:
+                nasa.enable(net, nasa_scale, layers)
+            except ValueError as e:  # --nasa-layers names no cross-attention layer
+                raise SampleError(str(e)) from None
         try:
             t = pipe.student_t if pipe.student_t is not None else schedule.T - 1
             out = net(x, torch.full((len(prompts),), t, device=device), c, cm)[:, :x.shape[1]]

@@ -123,6 +123,19 @@ def all_reduce_mean(x, world):
     return x
 
 
+def ranks_agree(tensors, device):
+    """True when every rank holds exactly rank 0's values: DDP should keep the replicas in step;
+    checked once, at the end of a run, and written to the log."""
+    same = True
+    for t in tensors:
+        ref = t.detach().clone()
+        dist.broadcast(ref, 0)
+        same &= torch.equal(ref, t.detach())
+    flag = torch.tensor(float(same), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 # -----------------------------------------------------------------------------
 # Prompts: encoded once, cached as safetensors, each rank its own shard
 
@@ -178,7 +191,7 @@ def load_optimizer(opt, tensors, groups, prefix):
     state = {}
     for key, v in tensors.items():
         if key.startswith(prefix + '.'):
-            _, pid, k = key.split('.', 2)
+            pid, k = key[len(prefix) + 1:].split('.', 1)  # the prefix itself holds a dot
             state.setdefault(int(pid), {})[k] = v
     opt.load_state_dict({'state': state, 'param_groups': json.loads(groups)})
 
@@ -260,12 +273,12 @@ def main(argv=None):
     else:
         if not cfg.teacher:
             sys.exit("train.py: error: --teacher CKPT is required (a folder written by convert.py)")
+        prompts = read_prompts(cfg.prompts) if cfg.prompts else shapes_prompts()  # before the slow loads
         try:
             pipe = M.load_checkpoint(cfg.teacher, device)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"train.py: error: {e}")
         student = M.load_checkpoint(cfg.teacher, device, text=False).denoiser.train()  # a copy of the teacher
-        prompts = read_prompts(cfg.prompts) if cfg.prompts else shapes_prompts()
         text_folder = cfg.teacher
     teacher = pipe.denoiser.requires_grad_(False)
     shard = prompts if cfg.mode == 'teacher' else prompts[rank::world]  # a teacher needs every caption
@@ -363,6 +376,11 @@ def main(argv=None):
         if ddp:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     bar.close()
+    if ddp:
+        same = ranks_agree([v for m in trained.values() for v in m.state_dict().values()], device)
+        if log:
+            log.write(json.dumps({'step': step, 'ranks_identical': same}) + '\n')
+            log.flush()
     if rank == 0:
         M.save_checkpoint(out / cfg.mode.replace('distill', 'student'), (ema or student).eval(), pipe.vae, pipe.schedule,
                           text_folder=text_folder, student_t=start_t if cfg.mode == 'distill' else None)

@@ -1,0 +1,213 @@
+"""train.py end to end on tiny random teachers: PG-SB steps, the student it writes, two ranks under
+torchrun (gloo), stop-and-resume, safe checkpoints, and clean errors on bad input."""
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model as M
+import sample
+import train
+from conftest import PROMPTS, assert_clean_error, free_port, run_script, seeded
+
+STEP_TIMEOUT = 240  # a CI machine can be slow; a few tiny steps take seconds
+
+
+def train_args(teacher, prompts, out, steps, *extra):
+    return ['--teacher', teacher, '--prompts', prompts, '--out', out, '--steps', steps, '--batch-size', 2,
+            '--log-every', 1, '--val-every', 0, *extra]
+
+
+def run_train(*args, launcher=()):
+    proc = run_script('train.py', *args, timeout=STEP_TIMEOUT, launcher=launcher)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / 'log.jsonl').read_text().splitlines()]
+
+
+def check_log(records, steps, batch, kappa_range):
+    steps_logged = [r for r in records if 'vsd' in r]
+    assert [r['step'] for r in steps_logged] == list(range(1, steps + 1))
+    for r in steps_logged:
+        assert math.isfinite(r['vsd']) and r['vsd'] >= 0 and math.isfinite(r['lora']) and r['lora'] > 0
+        assert len(r['kappa']) == batch
+        assert all(kappa_range[0] <= k <= kappa_range[1] for k in r['kappa'])
+        assert abs(r['kappa_mean'] - sum(r['kappa']) / batch) < 1e-3
+        assert r['sec'] > 0
+    assert len({tuple(r['kappa']) for r in steps_logged}) == steps  # fresh draws every step
+    return steps_logged
+
+
+def sample_from(student, tmp_path, *extra):
+    out = tmp_path / 'student.png'
+    sample.main(['--checkpoint', str(student), '--prompt', PROMPTS[0], '--negative-prompt', 'red',
+                 '--nasa-scale', '0.5', '--n', '2', '--device', 'cpu', '--out', str(out), *map(str, extra)])
+    from PIL import Image
+    with Image.open(out) as im:
+        im.load()
+        return im
+
+
+def differs(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope='module')
+def unet_run(tmp_path_factory, unet_teacher, prompt_file):
+    """Four uninterrupted PG-SB steps on the tiny UNet, a checkpoint every two."""
+    out = tmp_path_factory.mktemp('unet_run')
+    run_train(*train_args(unet_teacher, prompt_file, out, 4, '--save-every', 2, '--val-every', 2))
+    return out
+
+
+def test_pg_sb_steps_on_the_tiny_unet(unet_run, unet_teacher, tmp_path):
+    check_log(read_log(unet_run), 4, 2, (0.5, 4.0))
+    assert sorted(p.name for p in (unet_run / 'checkpoints').iterdir()) == ['step-0000002', 'step-0000004']
+    state = load_file(str(unet_run / 'checkpoints' / 'step-0000004' / 'state.safetensors'))
+    lora_up = [v for k, v in state.items() if k.startswith('teacher.') and 'lora_up' in k]
+    assert lora_up and any(torch.count_nonzero(v) for v in lora_up)  # the LoRA teacher trained
+    assert not any(k.startswith('teacher.') and 'lora_' not in k for k in state)  # base weights not duplicated
+    assert (unet_run / 'val' / 'step-0000002.png').is_file()
+
+    pipe = M.load_checkpoint(unet_run / 'student')
+    assert isinstance(pipe.denoiser, M.UNet) and isinstance(pipe.vae, M.VAE)
+    assert pipe.student_t == 999 and pipe.text_encoder is not None
+    teacher = M.load_checkpoint(unet_teacher, text=False).denoiser
+    assert differs(pipe.denoiser.state_dict(), teacher.state_dict())  # the student moved
+    student = load_file(str(unet_run / 'student' / 'denoiser.safetensors'))
+    assert all(torch.equal(student[k], state['student.' + k]) for k in student)  # the last step's weights
+    im = sample_from(unet_run / 'student', tmp_path)
+    assert im.size == (2 * 32, 32) and im.mode == 'RGB'
+
+
+def test_pg_sb_steps_on_the_tiny_dit(dit_teacher, prompt_file, tmp_path):
+    out = tmp_path / 'dit_run'
+    run_train(*train_args(dit_teacher, prompt_file, out, 3, '--student-t', 400, '--kappa-min', 1.0,
+                          '--kappa-max', 3.0, '--save-every', 2))
+    check_log(read_log(out), 3, 2, (1.0, 3.0))
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['step-0000002', 'step-0000003']
+    pipe = M.load_checkpoint(out / 'student')
+    assert isinstance(pipe.denoiser, M.DiT) and pipe.student_t == 400 and pipe.text_encoder.is_t5
+    cache = next((out / 'prompt_cache').iterdir())
+    assert load_file(str(cache))['mask'].shape == (len(PROMPTS), 120)  # T5 masks were cached
+    im = sample_from(out / 'student', tmp_path, '--height', 24, '--width', 40)
+    assert im.size == (2 * 40, 24)
+
+
+def test_two_ranks_under_torchrun_stay_identical(unet_teacher, prompt_file, tmp_path):
+    out = tmp_path / 'ddp_run'
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
+                f'--master_port={free_port()}']
+    run_train(*train_args(unet_teacher, prompt_file, out, 3, '--lr-student', 1e-3), launcher=launcher)
+    records = read_log(out)
+    check_log(records, 3, 1, (0.5, 4.0))  # rank 0's share of the global batch of 2
+    assert records[-1] == {'step': 3, 'ranks_identical': True}
+    # each rank drew its own prompts, noise and kappa: two single-rank shards of the cache
+    assert sorted(p.name.split('-', 1)[1] for p in (out / 'prompt_cache').iterdir()) == \
+        ['0-of-2.safetensors', '1-of-2.safetensors']
+    teacher = M.load_checkpoint(unet_teacher, text=False).denoiser
+    assert differs(M.load_checkpoint(out / 'student', text=False).denoiser.state_dict(), teacher.state_dict())
+
+
+def test_resume_gives_the_same_run(unet_run, unet_teacher, prompt_file, tmp_path):
+    out = tmp_path / 'resumed'
+    args = train_args(unet_teacher, prompt_file, out, 2, '--save-every', 2)
+    run_train(*args)
+    assert [r['step'] for r in read_log(out)] == [1, 2]
+    args[args.index('--steps') + 1] = 4
+    run_train(*args, '--resume')
+    straight, resumed = read_log(unet_run), read_log(out)
+    assert [r['step'] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(straight, resumed):
+        assert {k: a[k] for k in ('step', 'vsd', 'lora', 'kappa')} == {k: b[k] for k in ('step', 'vsd', 'lora', 'kappa')}
+    # the weights, the LoRA adapters and the optimizer moments end bit-identical
+    a = load_file(str(unet_run / 'checkpoints' / 'step-0000004' / 'state.safetensors'))
+    b = load_file(str(out / 'checkpoints' / 'step-0000004' / 'state.safetensors'))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(str(o / 'student' / 'denoiser.safetensors')) for o in (unet_run, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints survive a failed save
+
+
+def tiny_training_state():
+    net = seeded(0, M.build, M.PRESETS['tiny_unet'])
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    x, c = torch.randn(1, 4, 8, 8), torch.randn(1, 3, 32)
+    net(x, torch.tensor([10]), c).square().mean().backward()
+    opt.step()
+    return net, opt
+
+
+def failing_save_file(tensors, path, metadata=None):
+    with open(path, 'wb') as f:  # half a file, then the disk fills up
+        f.write(b'\x00' * 100)
+    raise OSError(28, 'No space left on device')
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    net, opt = tiny_training_state()
+    gen = torch.Generator().manual_seed(3)
+    train.save_training_state(tmp_path, 2, {'student': net}, {'student': opt}, gen, keep=1)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(train, 'save_file', failing_save_file)
+    with pytest.raises(OSError):
+        train.save_training_state(tmp_path, 4, {'student': net}, {'student': opt}, gen, keep=1)
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').glob('step-???????')) == ['step-0000002']
+
+    fresh, _ = tiny_training_state()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    g2 = torch.Generator()
+    assert train.load_training_state(tmp_path, {'student': fresh}, {'student': fresh_opt}, g2) == 2
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
+    assert torch.equal(g2.get_state(), torch.Generator().manual_seed(3).get_state())
+    assert fresh_opt.state_dict()['state'].keys() == opt.state_dict()['state'].keys()
+
+    # the next save succeeds and replaces the stale partial one
+    train.save_training_state(tmp_path, 4, {'student': net}, {'student': opt}, gen, keep=1)
+    assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['step-0000004']
+
+
+def test_failed_student_save_keeps_the_previous_student(tmp_path, monkeypatch, clip_text):
+    net = seeded(0, M.build, M.PRESETS['tiny_unet'])
+    sched = M.NoiseSchedule(M.SCHEDULES['sd'])
+    M.save_checkpoint(tmp_path / 'student', net, M.PixelSpace(), sched, text_folder=clip_text, student_t=-1)
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    monkeypatch.setattr(M, 'save_file', failing_save_file)
+    with pytest.raises(OSError):
+        M.save_checkpoint(tmp_path / 'student', net, M.PixelSpace(), sched, text_folder=clip_text, student_t=-1)
+    monkeypatch.undo()
+    pipe = M.load_checkpoint(tmp_path / 'student', text=False)
+    assert pipe.student_t == 999
+    assert all(torch.equal(pipe.denoiser.state_dict()[k], v) for k, v in saved.items())
+
+
+# -----------------------------------------------------------------------------
+# Bad input: one line, no traceback
+
+
+def test_missing_teacher_is_a_clean_error(prompt_file, tmp_path):
+    proc = run_script('train.py', *train_args(tmp_path / 'no_such_teacher', prompt_file, tmp_path / 'out', 1),
+                      timeout=STEP_TIMEOUT)
+    assert 'no_such_teacher' in assert_clean_error(proc, 'train.py: error:')
+
+
+def test_empty_prompt_file_is_a_clean_error(unet_teacher, tmp_path):
+    empty = tmp_path / 'empty.txt'
+    empty.write_text('\n  \n')
+    proc = run_script('train.py', *train_args(unet_teacher, empty, tmp_path / 'out', 1), timeout=STEP_TIMEOUT)
+    assert 'no prompts' in assert_clean_error(proc, 'train.py: error:')

@@ -1,0 +1,414 @@
+"""The PG-SB objective (vsd.py): LoRA teacher, random guidance scale, one-step student, VSD gradient
+and the LoRA teacher's denoising loss. Schedules are checked against diffusers' schedulers."""
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import model as M
+import vsd
+from conftest import ROOT, seeded
+
+NETS = ['tiny_unet', 'tiny_dit']
+
+
+def tiny(name, seed=0):
+    return seeded(seed, M.build, M.PRESETS[name]).eval()
+
+
+def texts(name, B=2, seed=1):
+    """cond (B, L, 32) and null (1, L, 32) as (context, mask) pairs; masks for the DiT."""
+    g = torch.Generator().manual_seed(seed)
+    L = 8 if name == 'tiny_unet' else 12
+    c, u = torch.randn(B, L, 32, generator=g), torch.randn(1, L, 32, generator=g)
+    if name == 'tiny_unet':
+        return (c, None), (u, None)
+    cm, um = torch.zeros(B, L, dtype=torch.bool), torch.zeros(1, L, dtype=torch.bool)
+    cm[0, :5], cm[1:, :9], um[:, :2] = True, True, True
+    return (c, cm), (u, um)
+
+
+def perturb_lora(net, seed=2, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, vsd.LoRALinear):
+                m.lora_up.weight.copy_(scale * torch.randn(m.lora_up.weight.shape, generator=g))
+
+
+class Counting(nn.Module):
+    """A denoiser wrapper that counts forward calls and records their inputs."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, context, mask=None):
+        self.calls.append((x.clone(), t.clone(), context.clone(), None if mask is None else mask.clone()))
+        return self.net(x, t, context, mask)
+
+
+class Fixed(nn.Module):
+    """A 'network' that returns a fixed output and records the timesteps it was asked for."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.ts, self.contexts = out, [], []
+
+    def forward(self, x, t, context, mask=None):
+        self.ts.append(t.clone())
+        self.contexts.append(context.clone())
+        return self.out
+
+
+def schedule(name):
+    return M.NoiseSchedule(M.SCHEDULES[name])
+
+
+# -----------------------------------------------------------------------------
+# LoRA
+
+
+@pytest.mark.parametrize('name', NETS)
+def test_fresh_lora_leaves_the_teacher_bit_identical(name):
+    net = tiny(name)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([5, 900])
+    (c, cm), _ = texts(name)
+    with torch.no_grad():
+        before = net(x, t, c, cm)
+    n_attn = sum(isinstance(m, M.Attention) for m in net.modules())
+    params = vsd.add_lora(net, rank=4, alpha=8)
+    loras = [m for m in net.modules() if isinstance(m, vsd.LoRALinear)]
+    assert len(loras) == 2 * n_attn and len(params) == 2 * len(loras)  # q and v of every attention
+    assert all(m.scale == 2.0 for m in loras)
+    assert all(p.requires_grad for p in params)
+    with torch.no_grad():
+        assert torch.equal(net(x, t, c, cm), before)
+        perturb_lora(net)
+        after = net(x, t, c, cm)
+        assert not torch.allclose(after, before, atol=1e-4)
+        with vsd.lora_disabled(net):  # the frozen teacher: the base function exactly
+            assert torch.equal(net(x, t, c, cm), before)
+        assert torch.equal(net(x, t, c, cm), after)  # adapters back on afterwards
+
+
+def test_lora_disabled_restores_adapters_after_an_exception():
+    net = tiny('tiny_unet')
+    vsd.add_lora(net, rank=2, alpha=2)
+    with pytest.raises(RuntimeError):
+        with vsd.lora_disabled(net):
+            raise RuntimeError('boom')
+    assert all(m.enabled for m in net.modules() if isinstance(m, vsd.LoRALinear))
+
+
+def test_lora_linear_is_base_plus_scaled_low_rank():
+    base = seeded(0, nn.Linear, 6, 5)
+    lora = seeded(1, vsd.LoRALinear, base, 3, 12.0)
+    with torch.no_grad():
+        lora.lora_up.weight.normal_()
+    x = torch.randn(4, 6)
+    expected = base(x) + 4.0 * x @ lora.lora_down.weight.T @ lora.lora_up.weight.T
+    torch.testing.assert_close(lora(x), expected)
+
+
+# -----------------------------------------------------------------------------
+# The random guidance scale
+
+
+def test_kappa_is_drawn_per_sample_in_range():
+    cfg = vsd.VSDConfig(kappa_min=0.5, kappa_max=3.0)
+    kt, kl = vsd.draw_kappa(cfg, 256, 'cpu', torch.Generator().manual_seed(0))
+    assert kt.shape == (256,)
+    assert kt.min() >= 0.5 and kt.max() <= 3.0
+    assert len(set(kt.tolist())) > 200                      # one per sample, not one per batch
+    assert kt.min() < 0.7 and kt.max() > 2.8 and 1.5 < kt.mean() < 2.0  # spread over U(0.5, 3)
+    again, _ = vsd.draw_kappa(cfg, 256, 'cpu', torch.Generator().manual_seed(0))
+    assert torch.equal(again, kt)
+
+
+@pytest.mark.parametrize('setting', sorted(vsd.RANDOM_KAPPA))
+def test_random_kappa_settings(setting):
+    cfg = vsd.VSDConfig(kappa_min=1.0, kappa_max=2.0, kappa_fixed=4.5, random_kappa=setting)
+    kt, kl = vsd.draw_kappa(cfg, 64, 'cpu', torch.Generator().manual_seed(1))
+    random_teacher, random_lora = {'both': (True, True), 'teacher': (True, False),
+                                   'lora': (False, True), 'none': (False, False)}[setting]
+    for k, is_random in ((kt, random_teacher), (kl, random_lora)):
+        if is_random:
+            assert k.min() >= 1.0 and k.max() <= 2.0 and k.unique().numel() > 1
+        else:
+            assert torch.all(k == 4.5)
+    if setting == 'both':  # PG-SB: the same per-sample kappa for both teachers
+        assert torch.equal(kt, kl)
+
+
+@pytest.mark.parametrize('setting', sorted(vsd.RANDOM_KAPPA))
+def test_vsd_loss_hands_each_teacher_its_kappa(setting, monkeypatch):
+    """Inside vsd_loss: the frozen teacher (adapters off) and the LoRA teacher (adapters on) get the
+    kappa draw_kappa gives them, the same per-sample values for both under 'both'."""
+    net = tiny('tiny_unet')
+    vsd.add_lora(net, rank=2, alpha=2)
+    seen, real = [], vsd.guided_eps
+
+    def recording(n, s, x_t, t, cond, null, kappa):
+        adapters_on = all(m.enabled for m in n.modules() if isinstance(m, vsd.LoRALinear))
+        seen.append((adapters_on, kappa.clone(), t.clone()))
+        return real(n, s, x_t, t, cond, null, kappa)
+
+    monkeypatch.setattr(vsd, 'guided_eps', recording)
+    cfg = vsd.VSDConfig(random_kappa=setting, kappa_fixed=4.5)
+    cond, null = texts('tiny_unet', B=4)
+    x0 = torch.randn(4, 4, 16, 16, requires_grad=True)
+    _, kappa = vsd.vsd_loss(net, schedule('sd'), x0, cond, null, cfg, torch.Generator().manual_seed(3))
+    assert [on for on, _, _ in seen] == [False, True]  # frozen teacher first, then the LoRA teacher
+    (_, k_frozen, t1), (_, k_lora, t2) = seen
+    assert torch.equal(t1, t2) and t1.min() >= cfg.t_min and t1.max() <= cfg.t_max
+    kt, kl = vsd.draw_kappa(cfg, 4, 'cpu', torch.Generator().manual_seed(0))  # which are random
+    for k, fixed in ((k_frozen, bool(torch.all(kt == 4.5))), (k_lora, bool(torch.all(kl == 4.5)))):
+        assert bool(torch.all(k == 4.5)) == fixed
+        if not fixed:
+            assert k.unique().numel() == 4 and k.min() >= cfg.kappa_min and k.max() <= cfg.kappa_max
+    if setting == 'both':
+        assert torch.equal(k_frozen, k_lora)
+    assert torch.equal(kappa, k_frozen)
+
+
+# -----------------------------------------------------------------------------
+# The one-step student and the schedule
+
+
+def test_schedules_match_diffusers():
+    from diffusers import DDPMScheduler
+    sd = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear')
+    pixart = DDPMScheduler(beta_start=1e-4, beta_end=0.02, beta_schedule='linear')
+    torch.testing.assert_close(schedule('sd').alphas_cumprod, sd.alphas_cumprod.float(), rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(schedule('pixart').alphas_cumprod, pixart.alphas_cumprod.float(), rtol=1e-5, atol=1e-9)
+    assert abs(schedule('sd').alphas_cumprod[999].item() - 0.0047) < 2e-4
+    assert 3e-5 < schedule('pixart').alphas_cumprod[999].item() < 5e-5
+
+
+@pytest.mark.parametrize('sched', ['sd', 'pixart'])
+@pytest.mark.parametrize('start_t', [-1, 400])
+def test_student_x0_comes_from_the_schedule(sched, start_t):
+    s = schedule(sched)
+    g = torch.Generator().manual_seed(0)
+    z, eps_hat = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    net = Fixed(eps_hat)
+    x0 = vsd.student_generate(net, s, z, torch.zeros(3, 1, 32), None, start_t)
+    T = start_t % 1000
+    assert torch.equal(net.ts[0], torch.full((3,), T))
+    ac = s.alphas_cumprod.double()[T]
+    expected = (z.double() - (1 - ac).sqrt() * eps_hat.double()) / ac.sqrt()
+    torch.testing.assert_close(x0.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_v_prediction_converts_to_x0_and_eps():
+    from diffusers import DDPMScheduler
+    s = schedule('sd_v')
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 4, 8, 8, generator=g), torch.randn(4, 4, 8, 8, generator=g)
+    t = torch.tensor([0, 250, 700, 999])
+    x_t = s.add_noise(x0, eps, t)
+    v = s.target(x0, eps, t)
+    oracle = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear',
+                           prediction_type='v_prediction')
+    torch.testing.assert_close(v, oracle.get_velocity(x0, eps, t).float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x_t, oracle.add_noise(x0, eps, t).float(), rtol=1e-4, atol=1e-5)
+    x0_hat, eps_hat = s.x0_eps(v, x_t, t)
+    torch.testing.assert_close(x0_hat, x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(eps_hat, eps, rtol=1e-4, atol=1e-4)
+    # the one-step student on a v-prediction backbone: x0 = alpha_T z - sigma_T v
+    student_x0 = vsd.student_generate(Fixed(v), s, x_t, torch.zeros(4, 1, 32))
+    ac = s.alphas_cumprod.double()[999]
+    torch.testing.assert_close(student_x0.double(), ac.sqrt() * x_t.double() - (1 - ac).sqrt() * v.double(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_no_schedule_constant_is_a_literal():
+    source = (ROOT / 'vsd.py').read_text()
+    for literal in ('0.0047', '0.00469', '0.00466', '4e-5', '4e-05'):
+        assert literal not in source, literal
+    assert not re.search(r'\b0\.004\d', source)
+
+
+# -----------------------------------------------------------------------------
+# Classifier-free guidance
+
+
+@pytest.mark.parametrize('name', NETS)
+def test_guided_eps_is_cfg_in_one_batched_forward(name):
+    net = Counting(tiny(name))
+    s = schedule('sd')
+    g = torch.Generator().manual_seed(4)
+    x_t, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([100, 800])
+    (c, cm), (u, um) = cond, null = texts(name)
+    kappa = torch.tensor([0.7, 3.5])
+    with torch.no_grad():
+        guided = vsd.guided_eps(net, s, x_t, t, cond, null, kappa)
+        assert len(net.calls) == 1 and net.calls[0][0].shape[0] == 4  # cond and null halves together
+        eps_c = net.net(x_t, t, c, cm)[:, :4]
+        eps_u = net.net(x_t, t, u.expand(2, -1, -1), None if um is None else um.expand(2, -1))[:, :4]
+    expected = eps_u + kappa.view(-1, 1, 1, 1) * (eps_c - eps_u)
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(guided, eps_c, atol=1e-3)  # the guidance does something
+
+
+# -----------------------------------------------------------------------------
+# The VSD loss and its gradient
+
+
+def student_and_teacher():
+    teacher, student = tiny('tiny_unet'), tiny('tiny_unet')  # the student starts as the teacher's copy
+    vsd.add_lora(teacher, rank=4, alpha=8)
+    teacher.requires_grad_(False)
+    return student.train(), teacher
+
+
+def student_grads(student, teacher, cfg, seed=0):
+    s = schedule('sd')
+    cond, null = texts('tiny_unet')
+    z = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(seed))
+    student.zero_grad(set_to_none=True)
+    x0 = vsd.student_generate(student, s, z, *cond)
+    loss, _ = vsd.vsd_loss(teacher, s, x0, cond, null, cfg, torch.Generator().manual_seed(seed + 1))
+    loss.backward()
+    return loss, [p.grad for p in student.parameters()]
+
+
+def test_student_gradient_is_zero_when_the_lora_teacher_equals_the_teacher():
+    student, teacher = student_and_teacher()
+    loss, grads = student_grads(student, teacher, vsd.VSDConfig(random_kappa='both'))
+    assert loss.item() == 0.0
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in grads)
+    assert not any(p.grad is not None for p in teacher.parameters())
+    perturb_lora(teacher)
+    loss, grads = student_grads(student, teacher, vsd.VSDConfig(random_kappa='both'))
+    assert loss.item() > 0
+    assert sum(torch.count_nonzero(g) for g in grads if g is not None) > 0
+    assert not any(p.grad is not None for p in teacher.parameters())  # the student only
+
+
+def test_different_kappas_give_a_gradient_even_with_a_fresh_lora():
+    """SwiftBrush's fixed scale on one teacher, a random one on the other: the two disagree."""
+    student, teacher = student_and_teacher()
+    loss, grads = student_grads(student, teacher, vsd.VSDConfig(random_kappa='teacher'))
+    assert loss.item() > 0 and sum(torch.count_nonzero(g) for g in grads if g is not None) > 0
+
+
+def cfg_eps(net, x_t, t, c, u, kappa):
+    """Classifier-free guidance from two separate plain forwards (epsilon networks)."""
+    eps_c = net(x_t, t, c)[:, :4]
+    eps_u = net(x_t, t, u.expand(len(x_t), -1, -1))[:, :4]
+    return eps_u + kappa.view(-1, 1, 1, 1) * (eps_c - eps_u)
+
+
+def test_vsd_gradient_is_sigma_squared_teacher_minus_lora():
+    """d loss / d x0 = sigma_t^2 (eps_teacher - eps_lora) / numel: 0.5 mse(x0, sg(x0 - grad))."""
+    _, teacher = student_and_teacher()
+    perturb_lora(teacher)
+    s = schedule('sd')
+    cfg = vsd.VSDConfig(kappa_min=0.5, kappa_max=4.0)
+    (c, _), (u, _) = cond, null = texts('tiny_unet')
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    loss, kappa = vsd.vsd_loss(teacher, s, x0, cond, null, cfg, torch.Generator().manual_seed(6))
+    loss.backward()
+
+    g = torch.Generator().manual_seed(6)  # replay the draws: t, eps, kappa
+    t = torch.randint(cfg.t_min, cfg.t_max + 1, (2,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    k, _ = vsd.draw_kappa(cfg, 2, 'cpu', g)
+    assert torch.equal(k, kappa)
+    ac = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ac.sqrt() * x0.detach() + (1 - ac).sqrt() * eps
+    with torch.no_grad():
+        with vsd.lora_disabled(teacher):
+            eps_teacher = cfg_eps(teacher, x_t, t, c, u, k)
+        eps_lora = cfg_eps(teacher, x_t, t, c, u, k)
+    grad = (1 - ac) * (eps_teacher - eps_lora)
+    assert grad.abs().max() > 1e-6
+    expected = grad / x0.numel()
+    # eps_teacher - eps_lora cancels: compare with a tolerance set by the gradient's own scale
+    torch.testing.assert_close(x0.grad, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    torch.testing.assert_close(loss, 0.5 * grad.square().mean(), rtol=1e-2, atol=0)
+
+
+def test_vsd_gradient_zeroes_nans():
+    _, teacher = student_and_teacher()
+    perturb_lora(teacher)
+    with torch.no_grad():
+        next(m for m in teacher.modules() if isinstance(m, vsd.LoRALinear)).lora_up.weight.fill_(float('nan'))
+    cond, null = texts('tiny_unet')
+    x0 = torch.randn(2, 4, 16, 16, requires_grad=True)
+    loss, _ = vsd.vsd_loss(teacher, schedule('sd'), x0, cond, null, vsd.VSDConfig(), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x0.grad).all()
+
+
+# -----------------------------------------------------------------------------
+# The LoRA teacher's denoising loss
+
+
+def replay_denoising_draws(B, seed, shape, null_prob):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 1000, (B,), generator=g)
+    eps = torch.randn(shape, generator=g)
+    drop = torch.rand(B, generator=g) < null_prob
+    return t, eps, drop
+
+
+@pytest.mark.parametrize('weighted', [True, False])
+def test_denoising_loss_weights_by_alpha_t(weighted):
+    s = schedule('sd')
+    B = 64
+    g = torch.Generator().manual_seed(0)
+    x0, eps_hat = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, 4, 4, generator=g)
+    net = Fixed(eps_hat)
+    cond, null = (torch.zeros(B, 3, 32), None), (torch.ones(1, 3, 32), None)
+    loss = vsd.denoising_loss(net, s, x0, cond, null, 0.0, weighted=weighted, generator=torch.Generator().manual_seed(9))
+    t, eps, _ = replay_denoising_draws(B, 9, x0.shape, 0.0)
+    assert torch.equal(net.ts[0], t)
+    w = s.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1) if weighted else torch.ones(B, 1, 1, 1)
+    expected = ((w * (eps_hat - eps)) ** 2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    unweighted = ((eps_hat - eps) ** 2).mean()
+    assert (abs(loss.item() - unweighted.item()) > 0.1) == weighted
+
+
+def test_denoising_loss_replaces_prompts_with_the_null_prompt():
+    s = schedule('sd')
+    B = 200
+    x0 = torch.randn(B, 4, 2, 2)
+    net = Fixed(torch.zeros(B, 4, 2, 2))
+    cond, null = (torch.zeros(B, 3, 32), None), (torch.ones(1, 3, 32), None)
+    vsd.denoising_loss(net, s, x0, cond, null, 0.3, generator=torch.Generator().manual_seed(1))
+    _, _, drop = replay_denoising_draws(B, 1, x0.shape, 0.3)
+    dropped = net.contexts[0].flatten(1).eq(1).all(1)
+    assert torch.equal(dropped, drop) and 30 < int(dropped.sum()) < 90
+    assert net.contexts[0][~dropped].eq(0).all()
+    # the masks follow the prompts (T5)
+    cm, um = torch.ones(B, 3, dtype=torch.bool), torch.tensor([[True, False, False]])
+    seen = []
+
+    def masked(x, t, context, mask=None):
+        seen.append(mask)
+        return torch.zeros_like(x)
+
+    vsd.denoising_loss(masked, s, x0, (cond[0], cm), (null[0], um), 0.3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(seen[0][drop], um.expand(int(drop.sum()), 3)) and seen[0][~drop].all()
+
+
+def test_denoising_loss_trains_the_lora_adapters_only():
+    teacher = tiny('tiny_unet')
+    params = vsd.add_lora(teacher, rank=2, alpha=4)
+    base = [p for n, p in teacher.named_parameters() if 'lora_' not in n]
+    for p in base:
+        p.requires_grad_(False)
+    cond, null = texts('tiny_unet')
+    x0 = torch.randn(2, 4, 16, 16, requires_grad=True)
+    loss = vsd.denoising_loss(teacher, schedule('sd'), x0, cond, null, 0.1, generator=torch.Generator().manual_seed(0))
+    loss.backward()
+    assert x0.grad is None  # x0 is detached: the student gets nothing from the LoRA teacher's loss
+    assert any(torch.count_nonzero(p.grad) for p in params if p.grad is not None)
