@@ -52,7 +52,7 @@ NOT_MEASURED = 'not measured (no CUDA device)'
 class Options:
     device: torch.device
     dtype: torch.dtype = torch.float32
-    repeats: int = 5
+    repeats: int = 10
     warmup: int = 1
     quick: bool = False
     compile: bool = False
@@ -652,7 +652,7 @@ def main(argv=None):
       help='weights and activations of figure 1 and of the small rows of figures 2 and 4 (their 512x512 GPU rows '
            'are bf16 by definition; figure 3 trains fp32 weights under bf16 autocast on the GPU, fp32 on the CPU); '
            'auto: bfloat16 on CUDA, float32 on the CPU (default: %(default)s)')
-    a('--repeats', type=int, default=5, help='timed samples per measurement; the median is reported '
+    a('--repeats', type=int, default=10, help='timed samples per measurement; the median is reported '
                                              '(default: %(default)s)')
     a('--figures', default='1,2,3,4', help='comma-separated figures to run (default: %(default)s)')
     a('--threads', type=int, help="torch CPU threads (default: torch's own setting, left as it is)")
