@@ -524,7 +524,7 @@ def lora_weights(cfg, seed=2):
         if 'lora_A' in k:
             state[k] = v.clone()
         elif 'lora_B' in k:
-            state[k] = 1e-2 * torch.randn(v.shape, generator=g)
+            state[k] = 0.05 * torch.randn(v.shape, generator=g)
     return state
 
 
@@ -540,45 +540,62 @@ def load_lora(teacher, lora_state):
     teacher.load_state_dict(ours, strict=False)
 
 
-def run_pgsb(cls, state, lora_state, cfg, size, batch, opt, frozen_dtype):
-    """Build one implementation's step on the device, run it, and measure it on its own:
-    (first step's losses, median seconds per step, peak memory in GiB or None on the CPU)."""
+def pgsb_inputs(cfg, size, batch, device, seed=0):
+    """A batch for one step: noise z, prompt states c, the null prompt's (states, mask)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, cfg.in_channels, size, size, generator=g).to(device)
+    c = torch.randn(batch, 77, cfg.context_dim, generator=g).to(device)
+    return z, c, (torch.randn(1, 77, cfg.context_dim, generator=g).to(device), None)
+
+
+def first_step(setup, inputs, device):
+    """One step from a fresh generator: its (VSD, LoRA) losses, and a zero-argument call for more."""
+    generator = torch.Generator(device).manual_seed(0)
+    losses = torch.stack(setup.step(*inputs, generator))
+    return losses, lambda: setup.step(*inputs, generator)
+
+
+def pgsb_alone(cls, state, lora_state, cfg, inputs, opt, frozen_dtype):
+    """Build one implementation's step on the GPU and measure it with nothing else there:
+    (first step's losses, median seconds per step, peak memory in GiB)."""
     free()
-    if opt.device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     setup = cls(state, lora_state, cfg, opt.device, frozen_dtype)
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(batch, cfg.in_channels, size, size, generator=g).to(opt.device)
-    c = torch.randn(batch, 77, cfg.context_dim, generator=g).to(opt.device)
-    null = (torch.randn(1, 77, cfg.context_dim, generator=g).to(opt.device), None)
-    generator = torch.Generator(opt.device).manual_seed(0)
-    losses = setup.step(z, c, null, generator)
+    losses, step = first_step(setup, inputs, opt.device)
     for _ in range(opt.warmup):
-        setup.step(z, c, null, generator)
-    times = [seconds(lambda: setup.step(z, c, null, generator), 1, opt.device) for _ in range(opt.repeats)]
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30 if opt.device.type == 'cuda' else None
-    del setup
+        step()
+    t = statistics.median(seconds(step, 1, opt.device) for _ in range(opt.repeats))
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 30
+    del setup, step
     free()
-    return torch.stack(losses), statistics.median(times), peak
+    return losses, t, peak
 
 
 def bench_pgsb(preset, size, batch, opt, goals=True):
     """Figure 3: one PG-SB step, ours against the reference; rows for images/s and peak memory.
-    Each implementation is built and measured alone (not interleaved), so that peak memory is its own."""
+    On the GPU each implementation is built and measured alone, so that peak memory is its own;
+    on the CPU (no memory figure) both are built and their steps interleaved, like the others."""
     cfg = M.PRESETS[preset]
     state = diffusers_net(cfg).state_dict()
     lora_state = lora_weights(cfg)
+    inputs = pgsb_inputs(cfg, size, batch, opt.device)
     frozen = torch.bfloat16 if opt.device.type == 'cuda' else torch.float32
-    ref_losses, ref_t, ref_mem = run_pgsb(RefPGSB, state, lora_state, cfg, size, batch, opt, frozen)
-    losses, t, mem = run_pgsb(OursPGSB, state, lora_state, cfg, size, batch, opt, frozen)
-    err = rel_err(losses, ref_losses)
+    if opt.device.type == 'cuda':
+        ref_losses, ref_t, ref_mem = pgsb_alone(RefPGSB, state, lora_state, cfg, inputs, opt, frozen)
+        losses, t, mem = pgsb_alone(OursPGSB, state, lora_state, cfg, inputs, opt, frozen)
+    else:
+        losses, step = first_step(OursPGSB(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
+        ref_losses, ref_step = first_step(RefPGSB(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
+        (t, ref_t), mem, ref_mem = time_pair(step, ref_step, opt, min_sample=0), None, None
+    err = max(rel_err(a, b) for a, b in zip(losses, ref_losses))  # VSD loss, LoRA loss
     prec = 'bf16 autocast, frozen weights bf16' if opt.device.type == 'cuda' else 'fp32'
     what = f'{preset}, {size}x{size} latents, batch {batch}, {prec}'
-    # the error is between the first step's two losses; bf16 autocast rounds the small difference of
-    # the two teachers' predictions that the VSD loss is made of, hence the looser bound there
+    # err: the first step's two losses against the reference's. Under bf16 autocast the VSD loss is
+    # mostly rounding of the small difference of the two teachers' predictions (in both
+    # implementations), so there the bound only catches gross errors; fp32 (CPU, tests) is exact.
     rows = [Row(3, f'{what}: images/s (higher is better)', batch / t, batch / ref_t, unit='img/s',
-                goal='>= 1.5' if goals else '', err=err, tol=1e-4 if opt.device.type == 'cpu' else 1e-1)]
+                goal='>= 1.5' if goals else '', err=err, tol=1e-4 if opt.device.type == 'cpu' else 0.25)]
     if mem is not None:
         rows.append(Row(3, f'{what}: peak memory', mem, ref_mem, unit='GiB', goal='<= 0.7' if goals else ''))
     else:
