@@ -704,8 +704,9 @@ def config_from_metadata(path):
 
 def load_module(path, device='cpu', dtype=torch.float32):
     """A network saved by save_module, loaded strictly."""
-    module = build(config_from_metadata(path))
-    module.load_state_dict(load_file(str(path)), strict=True)
+    with torch.device('meta'):  # no random init of weights about to be overwritten
+        module = build(config_from_metadata(path))
+    module.load_state_dict(load_file(str(path)), strict=True, assign=True)
     return module.to(device=device, dtype=dtype)
 
 

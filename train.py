@@ -70,11 +70,11 @@ PRESETS = {  # the paper's hyperparameters (SNOOPI Table 6); command-line flags 
     # error 150-fold, so the student starts lower, as public one-step PixArt students do.
     'pixart_alpha_512': dict(steps=60000, batch_size=64, kappa_max=3.0, clip_weight=0.1, student_t=400,
                              val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
-    'shapes': dict(teacher='checkpoints/shapes_teacher', out='runs/shapes', steps=1500, batch_size=32,
-                   lr_student=1e-4, lr_lora=1e-3, lora_rank=16, lora_alpha=32.0, save_every=500, val_every=500,
+    'shapes': dict(teacher='checkpoints/shapes_teacher', out='runs/shapes', steps=150, batch_size=16,
+                   lr_student=1e-5, lr_lora=1e-3, lora_rank=16, lora_alpha=32.0, save_every=50, val_every=50,
                    val_prompts='a red circle|a green square|a blue triangle|a yellow circle|a magenta square|a cyan triangle'),
     'shapes_teacher': dict(mode='teacher', arch='shapes', text_encoder='checkpoints/shapes_text',
-                           out='runs/shapes_teacher', steps=2500, batch_size=32, lr_student=5e-4, ema=0.999,
+                           out='runs/shapes_teacher', steps=2500, batch_size=32, lr_student=5e-4,
                            save_every=500),
 }
 
@@ -249,7 +249,9 @@ def validation_grid(student, pipe, prompts, path, start_t, seed=0):
     save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
 
 
-def lerp_ema(ema, net, decay):
+def lerp_ema(ema, net, decay, step):
+    """EMA of the weights; the decay warms up so the random initial weights are forgotten early."""
+    decay = min(decay, (1 + step) / (10 + step))
     with torch.no_grad():
         for e, p in zip(ema.parameters(), net.parameters()):
             e.lerp_(p.detach(), 1 - decay)
@@ -353,7 +355,7 @@ def main(argv=None):
             opts['lora'].step()
             info['lora'] = ll.detach()
         if ema is not None:
-            lerp_ema(ema, student, cfg.ema)
+            lerp_ema(ema, student, cfg.ema, step)
         step += 1
         bar.update(1)
 
