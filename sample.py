@@ -17,6 +17,7 @@ import torch
 
 import model as M
 import nasa
+import vsd
 
 DEMO = [('a circle', 'red'), ('a square', 'blue'), ('a red shape', 'circle'), ('a blue shape', 'square')]
 
@@ -81,9 +82,7 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
             except ValueError as e:  # --nasa-layers names no cross-attention layer
                 raise SampleError(str(e)) from None
         try:
-            t = pipe.student_t if pipe.student_t is not None else schedule.T - 1
-            out = net(x, torch.full((len(prompts),), t, device=device), c, cm)[:, :x.shape[1]]
-            x = schedule.x0_eps(out, x, torch.full((len(prompts),), t, device=device))[0]
+            x = vsd.student_generate(net, schedule, x, c, cm, -1 if pipe.student_t is None else pipe.student_t)
         finally:
             nasa.disable(net)
     else:
@@ -94,12 +93,11 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
 
 def ddim(net, schedule, x, cond, null, steps, cfg):
     """Deterministic DDIM (Song et al. 2021, eq. 12 with eta = 0) with classifier-free guidance."""
-    from vsd import guided_eps
     ts = torch.linspace(schedule.T - 1, 0, steps, device=x.device).round().long()
     kappa = torch.full((x.shape[0],), float(cfg), device=x.device)
     for i, t in enumerate(ts):
         tt = t.expand(x.shape[0])
-        eps = guided_eps(net, schedule, x, tt, cond, null, kappa)
+        eps = vsd.guided_eps(net, schedule, x, tt, cond, null, kappa)
         alpha, sigma = schedule.alpha_sigma(tt)
         x0 = (x - sigma * eps) / alpha
         if i + 1 == len(ts):
