@@ -158,8 +158,8 @@ def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
 def denoising_loss(net, schedule, x0, cond, null, null_prob, weighted=True, generator=None):
     """Plain denoising on x0 at t ~ U{0..T-1}, with null_prob of the prompts replaced by the null
     prompt so the network can do guidance. The LoRA teacher's loss weights the eps error by alpha_t,
-    mse(alpha_t eps_hat, alpha_t eps), as in SwiftBrush; weighted=False is the DDPM simple loss
-    (used to train a teacher from scratch)."""
+    mse(alpha_t eps_hat, alpha_t eps), as in SwiftBrush; weighted=False is the simple loss on the
+    network's own output, eps or v (used to train a teacher from scratch)."""
     x0 = x0.detach()
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
@@ -168,8 +168,12 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, weighted=True, gene
     (c, cm), (u, um) = cond, null
     c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
     cm = None if cm is None else torch.where(drop.view(-1, 1), um.expand_as(cm), cm)
-    _, eps_hat = denoise(net, schedule, schedule.add_noise(x0, eps, t), t, c, cm)
-    w = schedule.alpha_sigma(t, x0.ndim)[0] if weighted else torch.ones_like(eps[:, :1, :1, :1])
+    x_t = schedule.add_noise(x0, eps, t)
+    if not weighted:
+        out = net(x_t, t, c, cm)[:, :x0.shape[1]]
+        return F.mse_loss(out.float(), schedule.target(x0, eps, t).float())
+    _, eps_hat = denoise(net, schedule, x_t, t, c, cm)
+    w = schedule.alpha_sigma(t, x0.ndim)[0]
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
 
 

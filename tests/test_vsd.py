@@ -359,22 +359,39 @@ def replay_denoising_draws(B, seed, shape, null_prob):
     return t, eps, drop
 
 
-@pytest.mark.parametrize('weighted', [True, False])
-def test_denoising_loss_weights_by_alpha_t(weighted):
-    s = schedule('sd')
+@pytest.mark.parametrize('name', ['sd', 'sd_v'])
+def test_lora_teacher_loss_weights_the_eps_error_by_alpha_t(name):
+    s = schedule(name)
     B = 64
     g = torch.Generator().manual_seed(0)
-    x0, eps_hat = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, 4, 4, generator=g)
-    net = Fixed(eps_hat)
+    x0, out = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, 4, 4, generator=g)
+    net = Fixed(out)
     cond, null = (torch.zeros(B, 3, 32), None), (torch.ones(1, 3, 32), None)
-    loss = vsd.denoising_loss(net, s, x0, cond, null, 0.0, weighted=weighted, generator=torch.Generator().manual_seed(9))
+    loss = vsd.denoising_loss(net, s, x0, cond, null, 0.0, generator=torch.Generator().manual_seed(9))
     t, eps, _ = replay_denoising_draws(B, 9, x0.shape, 0.0)
     assert torch.equal(net.ts[0], t)
-    w = s.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1) if weighted else torch.ones(B, 1, 1, 1)
-    expected = ((w * (eps_hat - eps)) ** 2).mean()
+    alpha, sigma = s.alpha_sigma(t)
+    x_t = alpha * x0 + sigma * eps
+    eps_hat = out if name == 'sd' else sigma * x_t + alpha * out
+    expected = ((alpha * (eps_hat - eps)) ** 2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
-    unweighted = ((eps_hat - eps) ** 2).mean()
-    assert (abs(loss.item() - unweighted.item()) > 0.1) == weighted
+    assert abs(loss.item() - ((eps_hat - eps) ** 2).mean().item()) > 0.1
+
+
+@pytest.mark.parametrize('name', ['sd', 'sd_v'])
+def test_teacher_loss_is_the_simple_loss_on_the_networks_own_output(name):
+    """weighted=False: mse against eps for an epsilon network, against v = alpha eps - sigma x0 for a
+    v-prediction one."""
+    s = schedule(name)
+    B = 64
+    g = torch.Generator().manual_seed(0)
+    x0, out = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, 4, 4, generator=g)
+    loss = vsd.denoising_loss(Fixed(out), s, x0, (torch.zeros(B, 3, 32), None), (torch.ones(1, 3, 32), None),
+                              0.0, weighted=False, generator=torch.Generator().manual_seed(9))
+    t, eps, _ = replay_denoising_draws(B, 9, x0.shape, 0.0)
+    alpha, sigma = s.alpha_sigma(t)
+    target = eps if name == 'sd' else alpha * eps - sigma * x0
+    torch.testing.assert_close(loss, ((out - target) ** 2).mean(), rtol=1e-5, atol=0)
 
 
 def test_denoising_loss_replaces_prompts_with_the_null_prompt():
