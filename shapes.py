@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -388,20 +389,49 @@ def sampler(checkpoint, steps=1, cfg=1.0):
 
 
 def training_curve(teacher, run, n=256, seed=0):
-    """[(step, Frechet distance to real)] for every checkpoint a train.py run kept (the paper's
-    Figure 2 protocol): the student weights at each step, sampled in one step."""
+    """[(step, Frechet distance to real, prompt accuracy)] for every checkpoint a train.py run kept
+    (the paper's Figure 2 protocol): the student weights at each step, sampled in one step from the
+    start timestep the run's final student records."""
     import sample
     from safetensors.torch import load_file
     pipe = sample.load(teacher)
+    record = Path(run, "student", "schedule.json")
+    pipe.student_t = json.loads(record.read_text()).get("student_t") if record.is_file() else None
     _, captions = sample_world(n, seed + 1)
     real_feats = features(sample_world(n, seed)[0])
+    prompts = [p for p in all_prompts() for _ in range(max(1, n // len(all_prompts())))]
     curve = []
     for ckpt in sorted(Path(run, "checkpoints").glob("step-???????")):
         state = load_file(str(ckpt / "state.safetensors"))
         pipe.denoiser.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
-        images = sample.to_uint8(sample.generate(pipe, captions, seed=seed + 4))
-        curve.append((int(ckpt.name[len("step-"):]), frechet_distance(features(images), real_feats)))
+        fd = frechet_distance(features(sample.to_uint8(sample.generate(pipe, captions, seed=seed + 4))), real_feats)
+        accuracy = prompt_accuracy(sample.to_uint8(sample.generate(pipe, prompts, seed=seed + 3)), prompts)
+        curve.append((int(ckpt.name[len("step-"):]), fd, accuracy))
     return curve
+
+
+def format_curves(curves):
+    """Markdown tables of Frechet distance and prompt accuracy over steps, one column per group of
+    runs: runs named NAME-sSEED are one group, shown as mean +- standard deviation over seeds."""
+    groups = {}
+    for run, curve in curves.items():
+        name = re.sub(r"-s\d+$", "", Path(run).name)
+        groups.setdefault(name, []).append({step: (fd, acc) for step, fd, acc in curve})
+    steps = sorted({step for runs in groups.values() for c in runs for step in c})
+    lines = []
+    for title, k in (("Frechet distance to real", 0), ("prompt accuracy", 1)):
+        head = " | ".join(f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})" for name, runs in groups.items())
+        lines += ["", f"{title}:", "", f"| step | {head} |", "|---|" + "---|" * len(groups)]
+        for step in steps:
+            cells = []
+            for runs in groups.values():
+                values = [c[step][k] for c in runs if step in c]
+                cell = "n/a" if not values else _fmt(float(np.mean(values)))
+                if len(values) > 1:
+                    cell += f" +- {np.std(values):.3f}"
+                cells.append(cell)
+            lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines[1:])
 
 
 def main(argv=None):
@@ -427,7 +457,7 @@ def main(argv=None):
     ev.add_argument("--n", type=int, default=256, help="images per figure")
     ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
     ev.add_argument("--json", default="", help="also write the results to this JSON file")
-    cur = commands.add_parser("curve", help="Frechet distance over training steps of train.py runs (Figure 2)",
+    cur = commands.add_parser("curve", help="Frechet distance and prompt accuracy over the steps of train.py runs (Figure 2)",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     cur.add_argument("runs", nargs="+", help="train.py output folders (their checkpoints/ are read)")
     cur.add_argument("--teacher", default="checkpoints/shapes_teacher", help="the teacher the runs started from")
@@ -436,11 +466,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.command == "curve":
         curves = {run: training_curve(args.teacher, run, args.n) for run in args.runs}
-        steps = sorted({s for c in curves.values() for s, _ in c})
-        print("| step | " + " | ".join(curves) + " |\n|---|" + "---|" * len(curves))
-        for step in steps:
-            row = [dict(c).get(step) for c in curves.values()]
-            print(f"| {step} | " + " | ".join(_fmt(v) for v in row) + " |")
+        print(format_curves(curves))
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(curves, f, indent=2)

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The paper's two training experiments rerun in the shapes world (README, "Experiments"):
+# The paper's two training experiments rerun in the shapes world (README, "The paper's training experiments"):
 #   Figure 2: Frechet distance over training, fixed kappa (SwiftBrush) vs random kappa (PG-SB), 3 seeds.
 #   Table 2:  random kappa on neither teacher, the frozen one, the LoRA one, both.
 # Each run is a shortened distillation of the shipped teacher; every checkpoint is kept and scored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${STEPS:-400}
-COMMON="--preset shapes --steps $STEPS --batch-size 16 --save-every 50 --keep 100 --val-every 0 --log-every 50"
+STEPS=${STEPS:-150}
+COMMON="--preset shapes --steps $STEPS --batch-size 16 --save-every 25 --keep 100 --val-every 0 --log-every 25"
 for seed in 0 1 2; do
   for rk in none both; do
     [ -d runs/exp/$rk-s$seed/student ] || python train.py $COMMON --random-kappa $rk --seed $seed --out runs/exp/$rk-s$seed

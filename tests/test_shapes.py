@@ -246,6 +246,19 @@ def checkpoint(tmp_path_factory):
     return out
 
 
+def test_format_curves_groups_seeds_into_mean_and_deviation():
+    curves = {"runs/exp/none-s0": [(25, 1.0, 0.5), (50, 2.0, 0.25)],
+              "runs/exp/none-s1": [(25, 3.0, 0.75), (50, 4.0, 0.25)],
+              "runs/exp/lora-s0": [(25, 0.5, 1.0)]}
+    text = shapes.format_curves(curves)
+    fd, acc = text.split("prompt accuracy:")
+    assert "| step | none (2 runs) | lora (1 run) |" in fd
+    assert "| 25 | 2.000 +- 1.000 | 0.500 |" in fd
+    assert "| 50 | 3.000 +- 1.000 | n/a |" in fd
+    assert "| 25 | 0.625 +- 0.125 | 1.000 |" in acc
+    assert "| 50 | 0.250 +- 0.000 | n/a |" in acc
+
+
 def test_tokenizer_gives_one_token_per_word(checkpoint):
     from transformers import AutoTokenizer, CLIPTokenizer
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):

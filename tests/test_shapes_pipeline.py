@@ -28,6 +28,13 @@ def test_teacher_then_student_train_a_few_steps(tmp_path):
     assert student.student_t == student.schedule.T - 1
     assert (tmp_path / 'student_run' / 'val' / 'step-0000002.png').is_file()
 
+    proc = run_script('shapes.py', 'curve', tmp_path / 'student_run', '--teacher', tmp_path / 'teacher_run' / 'teacher',
+                      '--n', '18', '--json', tmp_path / 'curve.json', timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [(step, fd, accuracy)] = json.loads((tmp_path / 'curve.json').read_text())[str(tmp_path / 'student_run')]
+    assert step == 2 and fd >= 0.0 and 0.0 <= accuracy <= 1.0
+    assert '| 2 | ' in proc.stdout and 'prompt accuracy:' in proc.stdout
+
 
 def test_evaluate_on_shipped_checkpoints(tmp_path):
     out = tmp_path / 'eval.json'
