@@ -26,15 +26,20 @@ import torch.nn.functional as F
 # LoRA adapters
 
 
-class LoRALinear(nn.Module):
+class LoRA(nn.Module):
     """y = base(x) + (alpha / rank) * up(down(x)); `up` starts at zero, so a fresh adapter leaves
-    the base layer's function unchanged."""
+    the base layer's function unchanged. For a convolution, `down` has the base's kernel and `up`
+    is 1x1."""
 
-    def __init__(self, base: nn.Linear, rank, alpha):
+    def __init__(self, base, rank, alpha):
         super().__init__()
         self.base, self.scale, self.enabled = base, alpha / rank, True
-        self.lora_down = nn.Linear(base.in_features, rank, bias=False)
-        self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        if isinstance(base, nn.Conv2d):
+            self.lora_down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, bias=False)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_up.weight)
 
@@ -46,24 +51,26 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank=64, alpha=128, targets=('to_q', 'to_v')):
-    """Wrap the attention projections named in `targets` with LoRA adapters; returns their parameters."""
+    """Wrap the linear and convolution layers named in `targets` (attention q and v by default;
+    a ResNet's conv1, conv2 reach the resolutions attention does not) with LoRA adapters; returns
+    their parameters."""
     wrapped = []
     for module in list(model.modules()):
         for name in targets:
             child = getattr(module, name, None)
-            if isinstance(child, nn.Linear):
-                lora = LoRALinear(child, rank, alpha).to(child.weight.device)
+            if isinstance(child, (nn.Linear, nn.Conv2d)):
+                lora = LoRA(child, rank, alpha).to(child.weight.device)
                 setattr(module, name, lora)
                 wrapped.append(lora)
     if not wrapped:
-        raise ValueError(f"no linear layer named {targets} to put LoRA on")
+        raise ValueError(f"no linear or convolution layer named {targets} to put LoRA on")
     return [p for lora in wrapped for p in (lora.lora_down.weight, lora.lora_up.weight)]
 
 
 @contextlib.contextmanager
 def lora_disabled(model):
     """Run `model` as the frozen teacher: every adapter off."""
-    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    loras = [m for m in model.modules() if isinstance(m, LoRA)]
     for m in loras:
         m.enabled = False
     try:

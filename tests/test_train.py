@@ -85,6 +85,27 @@ def test_pg_sb_steps_on_the_tiny_unet(unet_run, unet_teacher, tmp_path):
     assert im.size == (2 * 32, 32) and im.mode == 'RGB'
 
 
+def test_lora_on_the_resnet_convolutions_with_several_updates_per_step(unet_teacher, prompt_file, tmp_path):
+    out = tmp_path / 'conv_run'
+    run_train(*train_args(unet_teacher, prompt_file, out, 2, '--lora-targets', 'to_q,to_v,conv1,conv2',
+                          '--lora-updates', 3))
+    check_log(read_log(out), 2, 2, (0.5, 4.0))
+    state = load_file(str(out / 'checkpoints' / 'step-0000002' / 'state.safetensors'))
+    conv_up = {k: v for k, v in state.items() if k.startswith('teacher.') and 'conv1.lora_up' in k}
+    assert conv_up and all(v.ndim == 4 and torch.count_nonzero(v) for v in conv_up.values())
+    # three Adam steps per student step: the adapters' moments counted three steps each
+    opt_steps = [v.item() for k, v in state.items() if k.startswith('opt.lora.') and k.endswith('.step')]
+    assert opt_steps and set(opt_steps) == {6.0}
+    pipe = M.load_checkpoint(out / 'student')  # the student checkpoint holds no adapters
+    assert not any('lora_' in k for k in pipe.denoiser.state_dict())
+
+
+def test_unknown_lora_target_is_a_clean_error(unet_teacher, prompt_file, tmp_path):
+    proc = run_script('train.py', *train_args(unet_teacher, prompt_file, tmp_path / 'x', 1, '--lora-targets', 'to_qq'),
+                      timeout=STEP_TIMEOUT)
+    assert_clean_error(proc, 'train.py: error: no linear or convolution layer named')
+
+
 def test_pg_sb_steps_on_the_tiny_dit(dit_teacher, prompt_file, tmp_path):
     out = tmp_path / 'dit_run'
     run_train(*train_args(dit_teacher, prompt_file, out, 3, '--student-t', 400, '--kappa-min', 1.0,

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import model as M
 import vsd
@@ -35,7 +36,7 @@ def perturb_lora(net, seed=2, scale=0.05):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, vsd.LoRALinear):
+            if isinstance(m, vsd.LoRA):
                 m.lora_up.weight.copy_(scale * torch.randn(m.lora_up.weight.shape, generator=g))
 
 
@@ -82,7 +83,7 @@ def test_fresh_lora_leaves_the_teacher_bit_identical(name):
         before = net(x, t, c, cm)
     n_attn = sum(isinstance(m, M.Attention) for m in net.modules())
     params = vsd.add_lora(net, rank=4, alpha=8)
-    loras = [m for m in net.modules() if isinstance(m, vsd.LoRALinear)]
+    loras = [m for m in net.modules() if isinstance(m, vsd.LoRA)]
     assert len(loras) == 2 * n_attn and len(params) == 2 * len(loras)  # q and v of every attention
     assert all(m.scale == 2.0 for m in loras)
     assert all(p.requires_grad for p in params)
@@ -102,17 +103,38 @@ def test_lora_disabled_restores_adapters_after_an_exception():
     with pytest.raises(RuntimeError):
         with vsd.lora_disabled(net):
             raise RuntimeError('boom')
-    assert all(m.enabled for m in net.modules() if isinstance(m, vsd.LoRALinear))
+    assert all(m.enabled for m in net.modules() if isinstance(m, vsd.LoRA))
 
 
 def test_lora_linear_is_base_plus_scaled_low_rank():
     base = seeded(0, nn.Linear, 6, 5)
-    lora = seeded(1, vsd.LoRALinear, base, 3, 12.0)
+    lora = seeded(1, vsd.LoRA, base, 3, 12.0)
     with torch.no_grad():
         lora.lora_up.weight.normal_()
     x = torch.randn(4, 6)
     expected = base(x) + 4.0 * x @ lora.lora_down.weight.T @ lora.lora_up.weight.T
     torch.testing.assert_close(lora(x), expected)
+
+
+def test_lora_conv_is_base_plus_scaled_low_rank_convolution():
+    base = seeded(0, nn.Conv2d, 4, 5, 3, 1, 1)  # 3x3, stride 1, padding 1
+    lora = seeded(1, vsd.LoRA, base, 2, 4.0)
+    x = torch.randn(2, 4, 7, 7)
+    torch.testing.assert_close(lora(x), base(x), rtol=0, atol=0)  # fresh: up is zero
+    with torch.no_grad():
+        lora.lora_up.weight.normal_()
+    low_rank = F.conv2d(F.conv2d(x, lora.lora_down.weight, padding=1), lora.lora_up.weight)
+    torch.testing.assert_close(lora(x), base(x) + 2.0 * low_rank)
+
+
+def test_lora_targets_reach_the_resnet_convolutions():
+    net = tiny('tiny_unet')
+    n_res = sum(isinstance(m, M.ResBlock) for m in net.modules())
+    vsd.add_lora(net, rank=2, alpha=2, targets=('conv1', 'conv2'))
+    convs = [m for m in net.modules() if isinstance(m, vsd.LoRA)]
+    assert len(convs) == 2 * n_res and all(isinstance(m.base, nn.Conv2d) for m in convs)
+    with pytest.raises(ValueError, match='no linear or convolution layer named'):
+        vsd.add_lora(tiny('tiny_unet'), targets=('to_qq',))
 
 
 # -----------------------------------------------------------------------------
@@ -154,7 +176,7 @@ def test_vsd_loss_hands_each_teacher_its_kappa(setting, monkeypatch):
     seen, real = [], vsd.guided_eps
 
     def recording(n, s, x_t, t, cond, null, kappa):
-        adapters_on = all(m.enabled for m in n.modules() if isinstance(m, vsd.LoRALinear))
+        adapters_on = all(m.enabled for m in n.modules() if isinstance(m, vsd.LoRA))
         seen.append((adapters_on, kappa.clone(), t.clone()))
         return real(n, s, x_t, t, cond, null, kappa)
 
@@ -339,7 +361,7 @@ def test_vsd_gradient_zeroes_nans():
     _, teacher = student_and_teacher()
     perturb_lora(teacher)
     with torch.no_grad():
-        next(m for m in teacher.modules() if isinstance(m, vsd.LoRALinear)).lora_up.weight.fill_(float('nan'))
+        next(m for m in teacher.modules() if isinstance(m, vsd.LoRA)).lora_up.weight.fill_(float('nan'))
     cond, null = texts('tiny_unet')
     x0 = torch.randn(2, 4, 16, 16, requires_grad=True)
     loss, _ = vsd.vsd_loss(teacher, schedule('sd'), x0, cond, null, vsd.VSDConfig(), torch.Generator().manual_seed(0))
