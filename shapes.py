@@ -390,8 +390,9 @@ def sampler(checkpoint, steps=1, cfg=1.0):
 
 def training_curve(teacher, run, n=256, seed=0):
     """[(step, Frechet distance to real, prompt accuracy)] for every checkpoint a train.py run kept
-    (the paper's Figure 2 protocol): the student weights at each step, sampled in one step from the
-    start timestep the run's final student records."""
+    (the paper's Figure 2 protocol): the student weights at each step (their EMA where the run keeps
+    one, as the shipped student is), sampled in one step from the start timestep the run's final
+    student records."""
     import sample
     from safetensors.torch import load_file
     pipe = sample.load(teacher)
@@ -403,7 +404,8 @@ def training_curve(teacher, run, n=256, seed=0):
     curve = []
     for ckpt in sorted(Path(run, "checkpoints").glob("step-???????")):
         state = load_file(str(ckpt / "state.safetensors"))
-        pipe.denoiser.load_state_dict({k[len("student."):]: v for k, v in state.items() if k.startswith("student.")})
+        prefix = "ema." if any(k.startswith("ema.") for k in state) else "student."
+        pipe.denoiser.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         fd = frechet_distance(features(sample.to_uint8(sample.generate(pipe, captions, seed=seed + 4))), real_feats)
         accuracy = prompt_accuracy(sample.to_uint8(sample.generate(pipe, prompts, seed=seed + 3)), prompts)
         curve.append((int(ckpt.name[len("step-"):]), fd, accuracy))

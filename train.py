@@ -47,7 +47,7 @@ class TrainConfig(vsd.VSDConfig):
     lr_lora: float = option(1e-3, 'LoRA teacher learning rate')
     lora_rank: int = option(64, 'LoRA rank')
     lora_alpha: float = option(128.0, 'LoRA scaling numerator: the update is scaled by alpha / rank')
-    lora_targets: str = option('to_q,to_v', 'comma-separated names of the linear layers that get LoRA adapters')
+    lora_targets: str = option('to_q,to_v', 'comma-separated names of the linear or convolution layers that get LoRA adapters')
     lora_updates: int = option(1, 'LoRA teacher updates per student step (two time-scale update rule)')
     weight_decay: float = option(0.0, 'AdamW weight decay')
     grad_clip: float = option(1.0, 'gradient norm clipping (0: off)')

@@ -10,7 +10,8 @@ One step, per batch of text states c (and the null prompt's c0):
                     grad = sigma_t^2 (eps_teacher^kappa - eps_lora^kappa)
                     loss = 0.5 mse(x0, sg(x0 - grad))             -> the student only
   3. LoRA teacher:  denoising loss on sg(x0) at t ~ U{0..T-1}       -> the LoRA adapters only
-     (denoising_loss; the same function trains a teacher from scratch)
+     (denoising_loss; the same function trains a teacher from scratch). train.py can repeat
+     this step K times per student step (--lora-updates), so the LoRA teacher keeps up.
 The frozen and LoRA teachers share one copy of the base weights: the frozen teacher is the LoRA
 teacher with its adapters switched off.
 """
@@ -28,8 +29,8 @@ import torch.nn.functional as F
 
 class LoRA(nn.Module):
     """y = base(x) + (alpha / rank) * up(down(x)); `up` starts at zero, so a fresh adapter leaves
-    the base layer's function unchanged. For a convolution, `down` has the base's kernel and `up`
-    is 1x1."""
+    the base layer's function unchanged. For a convolution, `down` has the base's kernel, stride
+    and padding, and `up` is 1x1."""
 
     def __init__(self, base, rank, alpha):
         super().__init__()
