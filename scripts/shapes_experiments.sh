@@ -4,7 +4,7 @@
 #   Table 2:  random kappa on neither teacher, the frozen one, the LoRA one, both.
 # Each run is a shortened distillation of the shipped teacher; every checkpoint is kept and scored.
 # The runs use the preset's LoRA teacher (q, v and the ResNet convolutions, three updates per
-# student step, EMA 0.99) unless LORA says otherwise; the README's first tables come from the
+# student step, EMA 0.99) unless LORA says otherwise; the README's second pair of tables comes from the
 # paper's attention-only LoRA teacher:
 #   LORA="--lora-targets to_q,to_v --lora-updates 1 --ema 0" OUT=runs/exp_qv bash scripts/shapes_experiments.sh
 set -euo pipefail
