@@ -186,29 +186,27 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
 
 
-# Nearest 2x upsampling then a 3x3 conv, folded: output row 2i+a sees input rows (i-1, i) through
-# kernel rows (0, 1+2) when a = 0, and rows (i, i+1) through kernel rows (0+1, 2) when a = 1.
-UPSAMPLE_FOLD = torch.tensor([[[1., 0., 0.], [0., 1., 1.]],
-                              [[1., 1., 0.], [0., 0., 1.]]])  # (phase a, 2x2 tap, 3x3 kernel row)
+# Nearest 2x upsampling then a 3x3 conv, folded into a stride-2 transposed conv with a 4x4 kernel:
+# output row 2i+a sees input rows (i-1, i) through kernel rows (0, 1+2) when a = 0, and rows
+# (i, i+1) through kernel rows (0+1, 2) when a = 1. In conv_transpose2d(stride=2, padding=1) input
+# row j reaches output row 2j - 1 + k through tap k, so tap k takes these 3x3 kernel rows:
+UPSAMPLE_FOLD = torch.tensor([[0., 0., 1.],   # k = 0: row 2 (a = 1, input row i+1)
+                              [0., 1., 1.],   # k = 1: rows 1+2 (a = 0, input row i)
+                              [1., 1., 0.],   # k = 2: rows 0+1 (a = 1, input row i)
+                              [1., 0., 0.]])  # k = 3: row 0 (a = 0, input row i-1)
 
 
 class FoldedUpsample(Upsample):
-    """The same function as Upsample, computed as one 2x2 conv of the input per output phase (a, b)
-    (UPSAMPLE_FOLD): 16 multiply-adds per channel pair and input pixel instead of 36, and no
-    upsampled copy of the input. It pays on the VAE decoder's large maps (2.5 of the 3.3 TFLOP of a
-    one-step 512x512 image); on the UNet's small maps with 1280 channels the 16/9 larger folded
-    weight costs more than it saves."""
+    """The same function as Upsample, computed as one transposed conv of the input (UPSAMPLE_FOLD):
+    16 multiply-adds per channel pair and input pixel instead of 36, and no upsampled copy of the
+    input. It pays on the VAE decoder's large maps (2.5 of the 3.3 TFLOP of a one-step 512x512
+    image); on the UNet's small maps with 1280 channels the 16/9 larger folded weight costs more
+    than it saves."""
 
     def forward(self, x):
-        B, C, H, W = x.shape
         fold, w = UPSAMPLE_FOLD.to(x.device), self.conv.weight
-        w = torch.einsum('apr,bqs,oirs->aboipq', fold, fold, w.float()).to(w.dtype)  # (2, 2, C, Cin, 2, 2)
-        y = F.conv2d(F.pad(x, (1, 1, 1, 1)), w.flatten(0, 2), self.conv.bias.repeat(4))  # (B, 4C, H+1, W+1)
-        y = y.unflatten(1, (2, 2, C))                                                    # (B, a, b, C, H+1, W+1)
-        # phase (a, b) starts at row a, column b of y; interleave the four into (B, C, 2H, 2W)
-        out = torch.stack([torch.stack([y[:, a, b, :, a:a + H, b:b + W] for b in (0, 1)], -1)
-                           for a in (0, 1)], 3)                                          # (B, C, H, a, W, b)
-        return out.reshape(B, C, 2 * H, 2 * W)
+        w = torch.einsum('kr,ls,oirs->iokl', fold, fold, w.float()).to(w.dtype)  # (Cin, Cout, 4, 4)
+        return F.conv_transpose2d(x, w, self.conv.bias, stride=2, padding=1)
 
 
 class Level(nn.Module):

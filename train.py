@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -49,6 +50,7 @@ class TrainConfig(vsd.VSDConfig):
     lora_alpha: float = option(128.0, 'LoRA scaling numerator: the update is scaled by alpha / rank')
     lora_targets: str = option('to_q,to_v', 'comma-separated names of the linear or convolution layers that get LoRA adapters')
     lora_updates: int = option(1, 'LoRA teacher updates per student step (two time-scale update rule)')
+    lr_schedule: str = option('constant', 'constant, or cosine: warm up over the first 2% of --steps, then decay to zero')
     weight_decay: float = option(0.0, 'AdamW weight decay')
     grad_clip: float = option(1.0, 'gradient norm clipping (0: off)')
     ema: float = option(0.0, 'EMA decay of the student weights (0: no EMA)')
@@ -75,17 +77,18 @@ PRESETS = {  # the paper's hyperparameters (SNOOPI Table 6); command-line flags 
                              val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
     # The shapes student. The attention-only LoRA of the paper cannot follow the student at 32x32,
     # where this UNet has no attention, and the student collapses after ~75 steps; LoRA on the
-    # ResNet convolutions too, with three LoRA updates per student step, keeps it improving for
-    # 400 steps (README, "The shapes world"). The shipped student is the EMA of the weights.
-    'shapes': dict(teacher='checkpoints/shapes_teacher', out='runs/shapes', steps=400, batch_size=16,
-                   lr_student=3e-5, lr_lora=3e-3, lora_rank=16, lora_alpha=32.0, lora_targets='to_q,to_v,conv1,conv2',
-                   lora_updates=3, ema=0.99, save_every=100, val_every=100,
+    # ResNet convolutions too, with three LoRA updates per student step, keeps it improving
+    # (README, "The shapes world").
+    'shapes': dict(teacher='checkpoints/shapes_teacher', out='runs/shapes', steps=450, batch_size=16,
+                   lr_student=1e-4, lr_lora=3e-3, lora_rank=16, lora_alpha=32.0, lora_targets='to_q,to_v,conv1,conv2',
+                   lora_updates=3, save_every=50, val_every=50,
                    val_prompts='a red circle|a green square|a blue triangle|a yellow circle|a magenta square|a cyan triangle'),
     # The shapes teacher predicts v: a one-step student reads x0 = alpha_T z - sigma_T v, where an
     # epsilon network's x0 = (z - sigma_T eps) / alpha_T would amplify its error 15-fold at T = 999.
+    # A cosine decay from 1e-3 sharpens its squares' edges: prompt accuracy 0.81 -> 0.96 (README).
     'shapes_teacher': dict(mode='teacher', arch='shapes', text_encoder='checkpoints/shapes_text',
-                           out='runs/shapes_teacher', steps=2500, batch_size=32, lr_student=5e-4,
-                           ema=0.999, save_every=500),
+                           out='runs/shapes_teacher', steps=2400, batch_size=32, lr_student=1e-3,
+                           lr_schedule='cosine', ema=0.999, save_every=500),
 }
 
 
@@ -106,6 +109,8 @@ def parse_args(argv=None):
         p.error(f"--random-kappa must be one of {sorted(vsd.RANDOM_KAPPA)}, got {cfg.random_kappa!r}")
     if cfg.prediction_type not in ('epsilon', 'v_prediction'):
         p.error(f"--prediction-type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+    if cfg.lr_schedule not in ('constant', 'cosine'):
+        p.error(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     return cfg
 
 
@@ -261,6 +266,17 @@ def validation_grid(student, pipe, prompts, path, start_t, seed=0):
     save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
 
 
+def lr_factor(schedule, step, steps):
+    """Multiplier of the base learning rate at a step: 1 (constant), or a linear warm-up over the first
+    2% of the steps followed by a cosine decay to zero (cosine)."""
+    if schedule == 'constant':
+        return 1.0
+    warmup = max(1, steps // 50)
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
 def lerp_ema(ema, net, decay, step):
     """EMA of the weights; the decay warms up so the random initial weights are forgotten early."""
     decay = min(decay, (1 + step) / (10 + step))
@@ -333,6 +349,9 @@ def main(argv=None):
     start_t = cfg.student_t
     while step < cfg.steps:
         t0 = time.time()
+        for k, opt in opts.items():  # a function of the step alone, so --resume needs no scheduler state
+            for group in opt.param_groups:
+                group['lr'] = lrs[k] * lr_factor(cfg.lr_schedule, step, cfg.steps)
         idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
         c = ctx[idx].to(device)
         cm = ctx_mask[idx].to(device) if ctx_mask is not None else None

@@ -398,6 +398,23 @@ def test_tiny_vae_parity(tmp_path):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_folded_upsample_is_nearest_upsample_then_conv(channels_last):
+    """The VAE decoder's transposed-conv upsampler computes exactly nearest 2x + 3x3 conv, odd sizes
+    and both memory formats included."""
+    torch.manual_seed(0)
+    up = M.FoldedUpsample(6)
+    for h, w in ((1, 1), (5, 7), (8, 8)):
+        x = torch.randn(2, 6, h, w)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        out = up(x)
+        ref = up.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode='nearest'))
+        assert out.shape == (2, 6, 2 * h, 2 * w)
+        assert (out - ref).abs().max().item() < 1e-5
+
+
+@torch.no_grad()
 @pytest.mark.parametrize('layout', [dict(max_shard_size='200KB'), dict(safe_serialization=False)],
                          ids=['sharded safetensors', 'pytorch .bin'])
 def test_other_diffusers_weight_files(tmp_path, layout):

@@ -59,9 +59,9 @@ def differs(a, b):
 
 @pytest.fixture(scope='module')
 def unet_run(tmp_path_factory, unet_teacher, prompt_file):
-    """Four uninterrupted PG-SB steps on the tiny UNet, a checkpoint every two."""
+    """Four uninterrupted PG-SB steps on the tiny UNet with an EMA, a checkpoint every two."""
     out = tmp_path_factory.mktemp('unet_run')
-    run_train(*train_args(unet_teacher, prompt_file, out, 4, '--save-every', 2, '--val-every', 2))
+    run_train(*train_args(unet_teacher, prompt_file, out, 4, '--save-every', 2, '--val-every', 2, '--ema', 0.9))
     return out
 
 
@@ -80,7 +80,7 @@ def test_pg_sb_steps_on_the_tiny_unet(unet_run, unet_teacher, tmp_path):
     teacher = M.load_checkpoint(unet_teacher, text=False).denoiser
     assert differs(pipe.denoiser.state_dict(), teacher.state_dict())  # the student moved
     student = load_file(str(unet_run / 'student' / 'denoiser.safetensors'))
-    # the default (shapes) preset keeps an EMA of the student: the saved student is the last EMA
+    # with --ema the saved student is the last EMA, not the last weights
     assert all(torch.equal(student[k], state['ema.' + k]) for k in student)
     assert differs(student, {k: state['student.' + k] for k in student})
     im = sample_from(unet_run / 'student', tmp_path)
@@ -139,7 +139,7 @@ def test_two_ranks_under_torchrun_stay_identical(unet_teacher, prompt_file, tmp_
 
 def test_resume_gives_the_same_run(unet_run, unet_teacher, prompt_file, tmp_path):
     out = tmp_path / 'resumed'
-    args = train_args(unet_teacher, prompt_file, out, 2, '--save-every', 2)
+    args = train_args(unet_teacher, prompt_file, out, 2, '--save-every', 2, '--ema', 0.9)
     run_train(*args)
     assert [r['step'] for r in read_log(out)] == [1, 2]
     args[args.index('--steps') + 1] = 4
@@ -234,3 +234,18 @@ def test_empty_prompt_file_is_a_clean_error(unet_teacher, tmp_path):
     empty.write_text('\n  \n')
     proc = run_script('train.py', *train_args(unet_teacher, empty, tmp_path / 'out', 1), timeout=STEP_TIMEOUT)
     assert 'no prompts' in assert_clean_error(proc, 'train.py: error:')
+
+
+def test_cosine_learning_rate_schedule():
+    steps = 1000  # warm-up: the first 2%, 20 steps
+    f = [train.lr_factor('cosine', s, steps) for s in range(steps)]
+    assert f[0] == pytest.approx(1 / 20) and f[19] == pytest.approx(1.0) and f[20] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(f[20:], f[21:]))  # then only down
+    assert f[20 + 490] == pytest.approx(0.5, abs=0.01) and f[-1] < 1e-4
+    assert all(train.lr_factor('constant', s, steps) == 1.0 for s in (0, 500, 999))
+
+
+def test_unknown_lr_schedule_is_a_clean_error(unet_teacher, prompt_file, tmp_path):
+    proc = run_script('train.py', *train_args(unet_teacher, prompt_file, tmp_path / 'out', 1, '--lr-schedule', 'step'),
+                      timeout=STEP_TIMEOUT)
+    assert '--lr-schedule' in assert_clean_error(proc, 'train.py: error:')
