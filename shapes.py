@@ -391,8 +391,7 @@ def sampler(checkpoint, steps=1, cfg=1.0):
 def training_curve(teacher, run, n=256, seed=0):
     """[(step, Frechet distance to real, prompt accuracy)] for every checkpoint a train.py run kept
     (the paper's Figure 2 protocol): the student weights at each step (their EMA where the run keeps
-    one), sampled in one step from the start timestep the run's final
-    student records."""
+    one), sampled in one step from the start timestep the run's final student records."""
     import sample
     from safetensors.torch import load_file
     pipe = sample.load(teacher)

@@ -349,9 +349,10 @@ def main(argv=None):
     start_t = cfg.student_t
     while step < cfg.steps:
         t0 = time.time()
-        for k, opt in opts.items():  # a function of the step alone, so --resume needs no scheduler state
+        factor = lr_factor(cfg.lr_schedule, step, cfg.steps)  # of the step alone: --resume needs no scheduler state
+        for k, opt in opts.items():
             for group in opt.param_groups:
-                group['lr'] = lrs[k] * lr_factor(cfg.lr_schedule, step, cfg.steps)
+                group['lr'] = lrs[k] * factor
         idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
         c = ctx[idx].to(device)
         cm = ctx_mask[idx].to(device) if ctx_mask is not None else None
