@@ -55,6 +55,7 @@ class TrainConfig(vsd.VSDConfig):
     grad_clip: float = option(1.0, 'gradient norm clipping (0: off)')
     ema: float = option(0.0, 'EMA decay of the student weights (0: no EMA)')
     grad_checkpointing: bool = option(False, 'recompute activations in the backward pass to save memory')
+    channels_last: bool = option(False, 'convolution weights and activations in NHWC order (faster convolutions on CPUs)')
     clip: str = option('', 'CLIP folder (transformers CLIPModel) for the clamped CLIP loss')
     save_every: int = option(500, 'write a resumable checkpoint every N steps')
     keep: int = option(2, 'keep the last K checkpoints')
@@ -221,7 +222,7 @@ def save_training_state(out, step, trained, opts, generator, keep):
                         if name != 'teacher' or 'lora_' in k})
     for name, opt in opts.items():
         t, meta[f'opt.{name}'] = optimizer_tensors(opt, f'opt.{name}')
-        tensors.update({k: v.cpu() for k, v in t.items()})
+        tensors.update({k: v.cpu().contiguous() for k, v in t.items()})
     tensors['rng'] = generator.get_state()
     root = Path(out) / 'checkpoints'
     tmp = root / f'step-{step:07d}.tmp'
@@ -331,6 +332,9 @@ def main(argv=None):
     student.requires_grad_(True)
     if cfg.grad_checkpointing:
         student.grad_checkpointing = True
+    if cfg.channels_last:  # 4-D weights in NHWC order: every convolution then runs channels-last
+        for net in (student, teacher):
+            net.to(memory_format=torch.channels_last)
     lrs = {'student': cfg.lr_student, 'lora': cfg.lr_lora}
     opts = {k: torch.optim.AdamW(p, lr=lrs[k], weight_decay=cfg.weight_decay) for k, p in params.items()}
     ema = None
