@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import nasa
+
 IMAGE_SIZE = 32
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -219,7 +221,7 @@ def frechet_distance(feats_a, feats_b, ridge=1e-6):
 # Evaluation of generators
 
 
-def evaluate(generate_teacher, generate_student, n=256, seed=0, nasa_scale=1.0):
+def evaluate(generate_teacher, generate_student, n=256, seed=0, nasa_scale=nasa.PAPER_ALPHA['shapes']):
     """Score generators on the world's checks; generate_teacher may be None.
 
     Each generator is called as generate(prompts, negative_prompts, nasa_scale, seed) and
@@ -454,7 +456,8 @@ def main(argv=None):
     ev.add_argument("--student", default="checkpoints/shapes_student", help="one-step student checkpoint")
     ev.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps for the teacher")
     ev.add_argument("--teacher-cfg", type=float, default=3.0, help="guidance scale for the teacher")
-    ev.add_argument("--nasa-scale", type=float, default=1.0, help="NASA alpha for the negative-prompt rows")
+    ev.add_argument("--nasa-scale", type=float, default=nasa.PAPER_ALPHA["shapes"],
+                    help="NASA alpha for the negative-prompt rows")
     ev.add_argument("--n", type=int, default=256, help="images per figure")
     ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
     ev.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -463,10 +466,11 @@ def main(argv=None):
     cur.add_argument("runs", nargs="+", help="train.py output folders (their checkpoints/ are read)")
     cur.add_argument("--teacher", default="checkpoints/shapes_teacher", help="the teacher the runs started from")
     cur.add_argument("--n", type=int, default=256, help="images per point")
+    cur.add_argument("--seed", type=int, default=0, help="seed of the evaluation (as in evaluate)")
     cur.add_argument("--json", default="", help="also write the curves to this JSON file")
     args = parser.parse_args(argv)
     if args.command == "curve":
-        curves = {run: training_curve(args.teacher, run, args.n) for run in args.runs}
+        curves = {run: training_curve(args.teacher, run, args.n, args.seed) for run in args.runs}
         print(format_curves(curves))
         if args.json:
             with open(args.json, "w") as f:
