@@ -38,6 +38,13 @@ def test_implementations_agree_and_ratios_are_positive(rows):
     assert len(pgsb) == 1 and pgsb[0].unit == 'img/s' and pgsb[0].err <= 1e-4  # same losses, same draws
 
 
+def test_channels_last_agrees_with_the_reference():
+    opt = bench.Options(torch.device('cpu'), torch.float32, repeats=1, warmup=0, channels_last=True)
+    rows = [bench.bench_forward(p, 16, opt) for p in ('tiny_unet', 'tiny_vae')] + bench.bench_pgsb('tiny_unet', 16, 2, opt)
+    rows = check([r for r in rows if not r.note])
+    assert all(r.err is not None and r.err <= 1e-4 for r in rows)
+
+
 def test_table_is_well_formed(rows):
     rows = rows + [bench.Row(2, 'sd21 + sd_vae, 512x512 px, batch 1, bfloat16', goal='<= 0.6',
                              note=bench.NOT_MEASURED)]
