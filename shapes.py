@@ -375,8 +375,9 @@ def save_grid(images, path, scale=4):
                                  Image.NEAREST).save(path)
 
 
-def sampler(checkpoint, steps=1, cfg=1.0):
-    """A generate callable for evaluate(), from a checkpoint folder, through sample.py."""
+def sampler(checkpoint, steps=1, cfg=1.0, layers=None):
+    """A generate callable for evaluate(), from a checkpoint folder, through sample.py; `layers`
+    restricts NASA to some cross-attention layers (as sample.py --nasa-layers)."""
     import sample
     pipe = sample.load(checkpoint)
 
@@ -385,7 +386,8 @@ def sampler(checkpoint, steps=1, cfg=1.0):
         if negative_prompts:
             assert len(set(negative_prompts)) == 1, "one negative prompt per call"
             negative = negative_prompts[0]
-        images = sample.generate(pipe, prompts, negative, nasa_scale, seed=seed, steps=steps, cfg=cfg)
+        images = sample.generate(pipe, prompts, negative, nasa_scale, seed=seed, steps=steps, cfg=cfg,
+                                 layers=layers)
         return sample.to_uint8(images)
     return generate
 
@@ -458,6 +460,8 @@ def main(argv=None):
     ev.add_argument("--teacher-cfg", type=float, default=3.0, help="guidance scale for the teacher")
     ev.add_argument("--nasa-scale", type=float, default=nasa.PAPER_ALPHA["shapes"],
                     help="NASA alpha for the negative-prompt rows")
+    ev.add_argument("--nasa-layers", default="",
+                    help="comma-separated substrings of the cross-attention layers NASA acts in ('': all)")
     ev.add_argument("--n", type=int, default=256, help="images per figure")
     ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
     ev.add_argument("--json", default="", help="also write the results to this JSON file")
@@ -478,7 +482,9 @@ def main(argv=None):
     elif args.command == "evaluate":
         torch.manual_seed(args.seed)
         teacher = sampler(args.teacher, args.teacher_steps, args.teacher_cfg) if args.teacher else None
-        results = evaluate(teacher, sampler(args.student), n=args.n, seed=args.seed, nasa_scale=args.nasa_scale)
+        layers = args.nasa_layers.split(",") if args.nasa_layers else None
+        results = evaluate(teacher, sampler(args.student, layers=layers), n=args.n, seed=args.seed,
+                           nasa_scale=args.nasa_scale)
         print(format_report(results))
         if args.json:
             with open(args.json, "w") as f:

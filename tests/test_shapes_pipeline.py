@@ -5,9 +5,12 @@ import json
 import math
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import model as M
+import sample
+import shapes
 from conftest import ROOT, run_script
 
 
@@ -57,3 +60,13 @@ def test_sample_with_no_arguments_writes_the_demo_grid(tmp_path):
     assert proc.returncode == 0, proc.stderr
     grid = np.asarray(Image.open(tmp_path / 'samples.png'))
     assert grid.shape == (8 * 32, 8 * 32, 3)  # 4 pairs x (without, with NASA) rows of 8
+
+
+def test_evaluate_sampler_restricts_nasa_to_the_named_layers():
+    student = str(ROOT / 'checkpoints' / 'shapes_student')
+    args = (['a square'] * 4, ['blue'] * 4, 0.3, 5)
+    every, mid = shapes.sampler(student)(*args), shapes.sampler(student, layers=['mid_block'])(*args)
+    direct = sample.to_uint8(sample.generate(sample.load(student), args[0], 'blue', 0.3, seed=5, layers=['mid_block']))
+    assert np.array_equal(mid, direct) and not np.array_equal(mid, every)
+    with pytest.raises(sample.SampleError, match='no cross-attention layer matches'):
+        shapes.sampler(student, layers=['no_such_block'])(*args)
