@@ -406,9 +406,10 @@ def autocast(device):
 
 
 class OursPGSB:
-    """Our step, as train.py runs it: vsd.student_generate + vsd.vsd_loss + vsd.denoising_loss, one
-    teacher whose LoRA adapters are switched off for the frozen pass, cond/uncond batched. Frozen
-    base weights in `frozen_dtype`; the student and the adapters train in fp32 (bf16 autocast on GPU)."""
+    """Our step, as train.py runs it: vsd.pgsb_step, one teacher whose LoRA adapters are switched off
+    for the frozen pass, cond/uncond batched. The LoRA teacher's loss is SwiftBrush's alpha_t-weighted
+    eps error, as in the reference. Frozen base weights in `frozen_dtype`; the student and the
+    adapters train in fp32 (bf16 autocast on GPU)."""
 
     def __init__(self, state, lora_state, cfg, device, frozen_dtype):
         self.cfg, self.device = cfg, device
@@ -417,27 +418,14 @@ class OursPGSB:
         lora_params = vsd.add_lora(self.teacher, LORA_RANK, LORA_ALPHA)
         load_lora(self.teacher, lora_state)
         self.schedule = M.NoiseSchedule(M.SCHEDULES['sd']).to(device)
-        self.vsd = vsd.VSDConfig()
-        self.opt_student = torch.optim.AdamW(self.student.parameters(), lr=1e-6)
-        self.opt_lora = torch.optim.AdamW(lora_params, lr=1e-3)
-        self.student_params, self.lora_params = list(self.student.parameters()), lora_params
+        self.vsd = vsd.VSDConfig(lora_loss='swiftbrush')
+        self.opts = {'student': torch.optim.AdamW(self.student.parameters(), lr=1e-6),
+                     'lora': torch.optim.AdamW(lora_params, lr=1e-3)}
 
     def step(self, z, c, null, generator):
-        with autocast(self.device):
-            x0 = vsd.student_generate(self.student, self.schedule, z, c)
-            loss, _ = vsd.vsd_loss(self.teacher, self.schedule, x0, (c, None), null, self.vsd, generator)
-        self.opt_student.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student_params, 1.0)
-        self.opt_student.step()
-        with autocast(self.device):
-            lora_loss = vsd.denoising_loss(self.teacher, self.schedule, x0, (c, None), null, self.vsd.null_prob,
-                                           generator=generator)
-        self.opt_lora.zero_grad(set_to_none=True)
-        lora_loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.lora_params, 1.0)
-        self.opt_lora.step()
-        return loss.detach(), lora_loss.detach()
+        info, _ = vsd.pgsb_step(self.student, self.teacher, self.schedule, self.opts, lambda: (z, (c, None), None),
+                                null, self.vsd, generator, lambda: autocast(self.device))
+        return info['vsd'], info['lora']
 
 
 class RefPGSB:

@@ -1,7 +1,6 @@
 """
 Distill a multi-step teacher into a one-step student with PG-SB (SNOOPI's Proper Guidance
-SwiftBrush; the objective is in vsd.py), or train a teacher from scratch with the plain denoising
-objective (--mode teacher; the shapes world only).
+SwiftBrush; the objective and the step are in vsd.py).
 
     python train.py                                          # the shapes world, on the CPU
     torchrun --nproc_per_node=8 train.py --preset sd21 --teacher CKPT --prompts prompts.txt
@@ -10,7 +9,7 @@ The same script runs alone and under torchrun (NCCL on CUDA, gloo on the CPU); -
 global batch, split over the ranks.
 """
 import argparse
-import dataclasses
+import contextlib
 import hashlib
 import json
 import math
@@ -35,22 +34,18 @@ from vsd import option
 
 @dataclass
 class TrainConfig(vsd.VSDConfig):
-    mode: str = option('distill', 'distill (PG-SB) or teacher (plain denoising, from scratch, shapes world)')
     teacher: str = option('', 'teacher checkpoint folder (convert.py output); the student starts as its copy')
-    prompts: str = option('', "text file, one prompt per line ('' with a shapes preset: the world's captions)")
-    arch: str = option('shapes', 'network preset for --mode teacher (see model.PRESETS)')
-    text_encoder: str = option('', 'folder with text_encoder/ and tokenizer/, for --mode teacher')
-    prediction_type: str = option('v_prediction', 'what a teacher from scratch predicts: v_prediction or epsilon')
+    prompts: str = option('', 'text file, one prompt per line')
     out: str = option('runs/shapes', 'output folder: checkpoints, log.jsonl, validation grids, student/')
     steps: int = option(2000, 'training steps')
     batch_size: int = option(32, 'global batch size, split over the ranks')
-    lr_student: float = option(1e-6, "student learning rate (in --mode teacher: the network's)")
+    lr_student: float = option(1e-6, 'student learning rate')
     lr_lora: float = option(1e-3, 'LoRA teacher learning rate')
     lora_rank: int = option(64, 'LoRA rank')
     lora_alpha: float = option(128.0, 'LoRA scaling numerator: the update is scaled by alpha / rank')
     lora_targets: str = option('to_q,to_v', 'comma-separated names of the linear or convolution layers that get LoRA adapters')
-    lora_updates: int = option(1, 'LoRA teacher updates per student step (two time-scale update rule)')
-    lr_schedule: str = option('constant', 'constant, or cosine: warm up over the first 2% of --steps, then decay to zero')
+    lr_schedule: str = option('constant', 'constant, or cosine: decay to zero after the warm-up')
+    warmup: int = option(0, "steps over which the student's learning rate rises linearly from 0")
     weight_decay: float = option(0.0, 'AdamW weight decay')
     grad_clip: float = option(1.0, 'gradient norm clipping (0: off)')
     ema: float = option(0.0, 'EMA decay of the student weights (0: no EMA)')
@@ -76,21 +71,12 @@ PRESETS = {  # the paper's hyperparameters (SNOOPI Table 6); command-line flags 
     # error 150-fold, so the student starts lower, as public one-step PixArt students do.
     'pixart_alpha_512': dict(steps=60000, batch_size=64, kappa_max=3.0, clip_weight=0.1, student_t=400,
                              val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
-    # The shapes student. The attention-only LoRA of the paper cannot follow the student at 32x32,
-    # where this UNet has no attention, and the student collapses after ~75 steps; LoRA on the
-    # ResNet convolutions too, with three LoRA updates per student step, keeps it improving
-    # (README, "The shapes world"). 600 steps: of the 650-step run's checkpoints, the best prompt
-    # accuracy (0.929, tied with 550) whose squares also fill their box (NASA needs them).
-    'shapes': dict(teacher='checkpoints/shapes_teacher', out='runs/shapes', steps=600, batch_size=16,
-                   lr_student=1e-4, lr_lora=3e-3, lora_rank=16, lora_alpha=32.0, lora_targets='to_q,to_v,conv1,conv2',
-                   lora_updates=3, save_every=50, val_every=50,
+    # The shapes student (README, "The shapes world"). The attention-only LoRA of the paper cannot
+    # follow the student at 32x32, where this UNet has no attention: LoRA on the ResNet convolutions too.
+    'shapes': dict(teacher='checkpoints/shapes_teacher', prompts='checkpoints/shapes_prompts.txt', out='runs/shapes',
+                   steps=600, batch_size=16, lr_student=1e-4, lr_lora=3e-3, lora_rank=16, lora_alpha=32.0,
+                   lora_targets='to_q,to_v,conv1,conv2', lora_updates=3, save_every=50, val_every=50,
                    val_prompts='a red circle|a green square|a blue triangle|a yellow circle|a magenta square|a cyan triangle'),
-    # The shapes teacher predicts v: a one-step student reads x0 = alpha_T z - sigma_T v, where an
-    # epsilon network's x0 = (z - sigma_T eps) / alpha_T would amplify its error 15-fold at T = 999.
-    # A cosine decay from 1e-3 sharpens its squares' edges: prompt accuracy 0.81 -> 0.96 (README).
-    'shapes_teacher': dict(mode='teacher', arch='shapes', text_encoder='checkpoints/shapes_text',
-                           out='runs/shapes_teacher', steps=2400, batch_size=32, lr_student=1e-3,
-                           lr_schedule='cosine', ema=0.999, save_every=500),
 }
 
 
@@ -100,17 +86,20 @@ def parse_args(argv=None):
                    help='hyperparameter preset (default: shapes); flags below override it')
     for f in fields(TrainConfig):
         flag = '--' + f.name.replace('_', '-')
+        default = f'default: {f.default!r}'
+        if f.name in PRESETS['shapes']:
+            default += f"; the shapes preset's: {PRESETS['shapes'][f.name]!r}"
         if f.type is bool or f.type == 'bool':
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata['help'] + f' (default: {f.default})')
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{f.metadata['help']} ({default})")
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f.metadata['help'] + f' (default: {f.default!r})')
+            p.add_argument(flag, type=type(f.default), default=None, help=f"{f.metadata['help']} ({default})")
     args = p.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != 'preset'}}
     cfg = TrainConfig(**values)
     if cfg.random_kappa not in vsd.RANDOM_KAPPA:
         p.error(f"--random-kappa must be one of {sorted(vsd.RANDOM_KAPPA)}, got {cfg.random_kappa!r}")
-    if cfg.prediction_type not in ('epsilon', 'v_prediction'):
-        p.error(f"--prediction-type must be epsilon or v_prediction, got {cfg.prediction_type!r}")
+    if cfg.lora_loss not in vsd.LORA_LOSSES:
+        p.error(f"--lora-loss must be one of {vsd.LORA_LOSSES}, got {cfg.lora_loss!r}")
     if cfg.lr_schedule not in ('constant', 'cosine'):
         p.error(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
     return cfg
@@ -166,12 +155,6 @@ def read_prompts(path):
     if not prompts:
         sys.exit(f"train.py: error: prompt file {path} holds no prompts (one per line)")
     return prompts
-
-
-def shapes_prompts():
-    import shapes
-    return sorted({shapes.caption(kind, s, c) for kind in shapes.CAPTION_KINDS if kind != 'null'
-                   for s in shapes.SHAPES for c in shapes.COLOURS})
 
 
 def cache_prompts(text_encoder, prompts, path, batch=64):
@@ -268,14 +251,15 @@ def validation_grid(student, pipe, prompts, path, start_t, seed=0):
     save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
 
 
-def lr_factor(schedule, step, steps):
-    """Multiplier of the base learning rate at a step: 1 (constant), or a linear warm-up over the first
-    2% of the steps followed by a cosine decay to zero (cosine)."""
-    if schedule == 'constant':
-        return 1.0
-    warmup = max(1, steps // 50)
+def lr_factor(schedule, step, steps, warmup=None):
+    """Multiplier of the base learning rate at a step: a linear warm-up over `warmup` steps (cosine's
+    default: the first 2%), then 1 (constant) or a cosine decay to zero (cosine)."""
+    if warmup is None:
+        warmup = steps // 50 if schedule == 'cosine' else 0
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == 'constant':
+        return 1.0
     return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
@@ -295,106 +279,75 @@ def main(argv=None):
     B = cfg.batch_size // world
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)  # the same initial weights (LoRA included) on every rank
-    autocast = torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+    autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if device.type == 'cuda' else contextlib.nullcontext
 
-    if cfg.mode == 'teacher':
-        schedule = M.NoiseSchedule(M.Schedule(prediction_type=cfg.prediction_type))
-        pipe = M.Pipeline(M.build(M.PRESETS[cfg.arch]).to(device), M.PixelSpace(), schedule.to(device),
-                          M.TextEncoder(cfg.text_encoder).to(device))
-        student, text_folder = pipe.denoiser, cfg.text_encoder
-        prompts = shapes_prompts() + ['']
-    else:
-        if not cfg.teacher:
-            sys.exit("train.py: error: --teacher CKPT is required (a folder written by convert.py)")
-        prompts = read_prompts(cfg.prompts) if cfg.prompts else shapes_prompts()  # before the slow loads
-        try:
-            pipe = M.load_checkpoint(cfg.teacher, device)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"train.py: error: {e}")
-        student = M.load_checkpoint(cfg.teacher, device, text=False).denoiser.train()  # a copy of the teacher
-        text_folder = cfg.teacher
+    # --- set-up: teacher, student (a copy of the teacher), prompts, LoRA teacher, optimizers
+    if not cfg.teacher:
+        sys.exit("train.py: error: --teacher CKPT is required (a folder written by convert.py)")
+    if not cfg.prompts:
+        sys.exit("train.py: error: --prompts FILE is required (one prompt per line)")
+    prompts = read_prompts(cfg.prompts)  # before the slow loads
+    try:
+        pipe = M.load_checkpoint(cfg.teacher, device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"train.py: error: {e}")
+    student = M.load_checkpoint(cfg.teacher, device, text=False).denoiser.train()
     teacher = pipe.denoiser.requires_grad_(False)
-    shard = prompts if cfg.mode == 'teacher' else prompts[rank::world]  # a teacher needs every caption
-    digest = hashlib.sha1(json.dumps([text_folder, prompts]).encode()).hexdigest()[:12]
-    shard, ctx, ctx_mask, null = cache_prompts(pipe.text_encoder, shard, out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
+    digest = hashlib.sha1(json.dumps([cfg.teacher, prompts]).encode()).hexdigest()[:12]
+    shard, ctx, ctx_mask, null = cache_prompts(pipe.text_encoder, prompts[rank::world],
+                                               out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
     val_prompts = (cfg.val_prompts or 'a red circle|a blue square').split('|')
     if rank != 0 or not cfg.val_every:
         pipe.text_encoder = None  # the text encoder (T5-XXL for PixArt) leaves memory once prompts are cached
     null = tuple(x.to(device) if x is not None else None for x in null)
-
-    trained = {'student': student}  # what a checkpoint holds (of the teacher: its LoRA adapters)
-    params = {'student': list(student.parameters())}
-    if cfg.mode == 'distill':
-        try:
-            params['lora'] = vsd.add_lora(teacher, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(',')))
-        except ValueError as e:
-            sys.exit(f"train.py: error: {e} (see --lora-targets)")
-        trained['teacher'] = teacher
+    try:
+        lora_params = vsd.add_lora(teacher, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(',')))
+    except ValueError as e:
+        sys.exit(f"train.py: error: {e} (see --lora-targets)")
     student.requires_grad_(True)
-    if cfg.grad_checkpointing:
-        student.grad_checkpointing = True
+    student.grad_checkpointing = cfg.grad_checkpointing
     if cfg.channels_last:  # 4-D weights in NHWC order: every convolution then runs channels-last
         for net in (student, teacher):
             net.to(memory_format=torch.channels_last)
-    lrs = {'student': cfg.lr_student, 'lora': cfg.lr_lora}
-    opts = {k: torch.optim.AdamW(p, lr=lrs[k], weight_decay=cfg.weight_decay) for k, p in params.items()}
+    opts = {'student': torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, weight_decay=cfg.weight_decay),
+            'lora': torch.optim.AdamW(lora_params, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)}
+    trained = {'student': student, 'teacher': teacher}  # what a checkpoint holds (of the teacher: its adapters)
     ema = None
     if cfg.ema > 0:
         ema = M.build(student.cfg).to(device).requires_grad_(False)
         ema.load_state_dict(student.state_dict())
         trained['ema'] = ema
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
-    step = load_training_state(out, trained, opts, generator) if cfg.resume else 0
+    step = 0
+    if cfg.resume:
+        step = load_training_state(out, trained, opts, generator)
     student_ddp = DDP(student) if ddp else student
-    teacher_ddp = DDP(teacher) if ddp and cfg.mode == 'distill' else teacher
-    clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip else None
+    teacher_ddp = DDP(teacher) if ddp else teacher
+    clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip and cfg.clip_weight > 0 else None
 
+    def clip_term(x0, texts):
+        """SwiftBrush v2's clamped CLIP loss, through the decoder, its weight ramped up over --clip-warmup."""
+        value = clip_loss(pipe.vae.decode(x0), texts)
+        return cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1)) * value, value.detach()
+
+    def draw():
+        """A batch of the student's noise and of this rank's prompts."""
+        idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
+        z = torch.randn(B, student.cfg.in_channels, student.cfg.sample_size, student.cfg.sample_size,
+                        device=device, generator=generator)
+        cond = (ctx[idx].to(device), ctx_mask[idx].to(device) if ctx_mask is not None else None)
+        return z, cond, [shard[i] for i in idx]
+
+    # --- the loop: one PG-SB step (vsd.pgsb_step), then logging, validation grids, checkpoints
     log = open(out / 'log.jsonl', 'a') if rank == 0 else None
-    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc=cfg.mode)
-    start_t = cfg.student_t
+    bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc='PG-SB')
     while step < cfg.steps:
         t0 = time.time()
-        factor = lr_factor(cfg.lr_schedule, step, cfg.steps)  # of the step alone: --resume needs no scheduler state
-        for k, opt in opts.items():
-            for group in opt.param_groups:
-                group['lr'] = lrs[k] * factor
-        idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
-        c = ctx[idx].to(device)
-        cm = ctx_mask[idx].to(device) if ctx_mask is not None else None
-        with autocast:
-            if cfg.mode == 'teacher':
-                import shapes
-                images, captions = shapes.sample_world(B, seed=cfg.seed * 10**7 + step * world + rank)
-                x0 = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-                c = ctx[[shard.index(p) for p in captions]].to(device)
-                loss = vsd.denoising_loss(student_ddp, pipe.schedule, x0, (c, None), null, 0.0, weighted=False,
-                                          generator=generator)
-                info = {'loss': loss.detach()}
-            else:
-                z = torch.randn(B, student.cfg.in_channels, student.cfg.sample_size, student.cfg.sample_size,
-                                device=device, generator=generator)
-                x0 = vsd.student_generate(student_ddp, pipe.schedule, z, c, cm, start_t)
-                loss, kappa = vsd.vsd_loss(teacher_ddp, pipe.schedule, x0, (c, cm), null, cfg, generator)
-                info = {'vsd': loss.detach()}
-                if clip_loss is not None and cfg.clip_weight > 0:
-                    w = cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1))
-                    lc = clip_loss(pipe.vae.decode(x0), [shard[i] for i in idx])
-                    loss = loss + w * lc
-                    info['clip'] = lc.detach()
-        opts['student'].zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params['student'], cfg.grad_clip)
-        opts['student'].step()
-        for _ in range(cfg.lora_updates if cfg.mode == 'distill' else 0):
-            with autocast:
-                ll = vsd.denoising_loss(teacher_ddp, pipe.schedule, x0, (c, cm), null, cfg.null_prob, generator=generator)
-            opts['lora'].zero_grad(set_to_none=True)
-            ll.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params['lora'], cfg.grad_clip)
-            opts['lora'].step()
-            info['lora'] = ll.detach()
+        # of the step alone: --resume needs no scheduler state; the warm-up is the student's
+        opts['student'].param_groups[0]['lr'] = cfg.lr_student * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup)
+        opts['lora'].param_groups[0]['lr'] = cfg.lr_lora * lr_factor(cfg.lr_schedule, step, cfg.steps, 0)
+        info, kappa = vsd.pgsb_step(student_ddp, teacher_ddp, pipe.schedule, opts, draw, null, cfg, generator,
+                                    autocast, cfg.grad_clip, clip_term if clip_loss else None)
         if ema is not None:
             lerp_ema(ema, student, cfg.ema, step)
         step += 1
@@ -402,31 +355,32 @@ def main(argv=None):
 
         if step % cfg.log_every == 0 or step == cfg.steps:
             info = {k: all_reduce_mean(v.float().clone(), world).item() for k, v in info.items()}
-            if cfg.mode == 'distill':
-                info['kappa_mean'] = kappa.mean().item()
-                info['kappa'] = [round(k, 4) for k in kappa.tolist()]
+            info['kappa_mean'] = kappa.mean().item()
             if log:
-                log.write(json.dumps({'step': step, **info, 'sec': round(time.time() - t0, 3)}) + '\n')
+                log.write(json.dumps({'step': step, **info, 'kappa': [round(k, 4) for k in kappa.tolist()],
+                                      'sec': round(time.time() - t0, 3)}) + '\n')
                 log.flush()
-                bar.set_postfix({k: f'{v:.4f}' for k, v in info.items() if isinstance(v, float)})
-        if rank == 0 and cfg.mode == 'distill' and cfg.val_every and step % cfg.val_every == 0:
+                bar.set_postfix({k: f'{v:.4f}' for k, v in info.items()})
+        if rank == 0 and cfg.val_every and step % cfg.val_every == 0:
             (out / 'val').mkdir(parents=True, exist_ok=True)
             student.eval()
-            validation_grid(ema or student, pipe, val_prompts, out / 'val' / f'step-{step:07d}.png', start_t)
+            validation_grid(ema or student, pipe, val_prompts, out / 'val' / f'step-{step:07d}.png', cfg.student_t)
             student.train()
         if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
             save_training_state(out, step, trained, opts, generator, cfg.keep)
         if ddp:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     bar.close()
+
+    # --- the end: check that the ranks agree, write the student
     if ddp:
         same = ranks_agree([v for m in trained.values() for v in m.state_dict().values()], device)
         if log:
             log.write(json.dumps({'step': step, 'ranks_identical': same}) + '\n')
             log.flush()
     if rank == 0:
-        M.save_checkpoint(out / cfg.mode.replace('distill', 'student'), (ema or student).eval(), pipe.vae, pipe.schedule,
-                          text_folder=text_folder, student_t=start_t if cfg.mode == 'distill' else None)
+        M.save_checkpoint(out / 'student', (ema or student).eval(), pipe.vae, pipe.schedule,
+                          text_folder=cfg.teacher, student_t=cfg.student_t)
     if ddp:
         dist.destroy_process_group()
 

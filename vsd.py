@@ -121,6 +121,9 @@ class VSDConfig:
     t_max: int = option(980, 'upper end of the VSD timesteps')
     student_t: int = option(-1, "the student's start timestep; -1 is the schedule's last (T - 1)")
     null_prob: float = option(0.1, "share of prompts replaced by the null prompt in the LoRA teacher's loss")
+    lora_loss: str = option('native', "the LoRA teacher's loss: native (mse on its own output, eps or v) or swiftbrush (alpha_t-weighted eps)")
+    lora_updates: int = option(1, 'LoRA teacher updates per student step (two time-scale update rule)')
+    lora_fresh: bool = option(False, 'each LoRA update on fresh samples (new noise and prompts) of the updated student')
     clip_weight: float = option(0.0, 'SwiftBrush v2 clamped CLIP loss weight (needs --clip)')
     clip_tau: float = option(0.37, 'the clamped CLIP loss stops pushing above this cosine similarity')
     clip_warmup: int = option(0, 'steps over which the CLIP loss weight ramps up linearly from 0')
@@ -163,11 +166,23 @@ def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
     return loss, kappa_teacher
 
 
-def denoising_loss(net, schedule, x0, cond, null, null_prob, weighted=True, generator=None):
+LORA_LOSSES = ('native', 'swiftbrush')
+
+
+def denoising_loss(net, schedule, x0, cond, null, null_prob, loss='native', generator=None):
     """Plain denoising on x0 at t ~ U{0..T-1}, with null_prob of the prompts replaced by the null
-    prompt so the network can do guidance. The LoRA teacher's loss weights the eps error by alpha_t,
-    mse(alpha_t eps_hat, alpha_t eps), as in SwiftBrush; weighted=False is the simple loss on the
-    network's own output, eps or v (used to train a teacher from scratch)."""
+    prompt so the network can do guidance.
+
+    loss='native': mse on the network's own output, eps for an epsilon network, v for a v network:
+    the objective the teacher itself was trained with, so the LoRA teacher stays the same kind of
+    denoiser as the frozen one and the two differ only by the data they fit (the choice of
+    threestudio's VSD for v networks). loss='swiftbrush': SwiftBrush's script,
+    mse(alpha_t eps_hat, alpha_t eps). On an epsilon network the two weight the error by 1 and
+    alpha_t^2; on a v network eps_hat - eps = alpha_t (v_hat - v), so SwiftBrush's weight on the
+    network's own error becomes alpha_t^4 (2e-4 at t = 900): the LoRA teacher then barely learns
+    the student at the high noise levels where layout and colour are decided."""
+    if loss not in LORA_LOSSES:
+        raise ValueError(f"unknown loss {loss!r}: expected one of {LORA_LOSSES}")
     x0 = x0.detach()
     B = x0.shape[0]
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
@@ -177,12 +192,49 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, weighted=True, gene
     c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
     cm = None if cm is None else torch.where(drop.view(-1, 1), um.expand_as(cm), cm)
     x_t = schedule.add_noise(x0, eps, t)
-    if not weighted:
+    if loss == 'native':
         out = net(x_t, t, c, cm)[:, :x0.shape[1]]
         return F.mse_loss(out.float(), schedule.target(x0, eps, t).float())
     _, eps_hat = denoise(net, schedule, x_t, t, c, cm)
     w = schedule.alpha_sigma(t, x0.ndim)[0]
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
+
+
+def optimizer_step(opt, loss, params, grad_clip):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
+def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, generator=None,
+              autocast=contextlib.nullcontext, grad_clip=1.0, extra_loss=None):
+    """One PG-SB iteration: the student's VSD update (steps 1-2), then cfg.lora_updates updates of the
+    LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask), texts.
+    opts holds the 'student' and 'lora' optimizers; extra_loss(x0, prompts), if given, returns
+    (weighted loss, unweighted value) added to the student's loss (SwiftBrush v2's CLIP loss).
+    The LoRA teacher fits the samples the student drew for its update, or, with cfg.lora_fresh,
+    each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples)."""
+    z, cond, prompts = draw()
+    with autocast():
+        x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
+        loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator)
+        info = {'vsd': loss.detach()}
+        if extra_loss is not None:
+            term, info['clip'] = extra_loss(x0, prompts)
+            loss = loss + term
+    optimizer_step(opts['student'], loss, [p for g in opts['student'].param_groups for p in g['params']], grad_clip)
+    for _ in range(cfg.lora_updates):
+        if cfg.lora_fresh:
+            z, cond, _ = draw()
+            with torch.no_grad(), autocast():
+                x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
+        with autocast():
+            lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
+        optimizer_step(opts['lora'], lora_loss, [p for g in opts['lora'].param_groups for p in g['params']], grad_clip)
+        info['lora'] = lora_loss.detach()
+    return info, kappa
 
 
 # -----------------------------------------------------------------------------

@@ -382,14 +382,14 @@ def replay_denoising_draws(B, seed, shape, null_prob):
 
 
 @pytest.mark.parametrize('name', ['sd', 'sd_v'])
-def test_lora_teacher_loss_weights_the_eps_error_by_alpha_t(name):
+def test_swiftbrush_lora_loss_weights_the_eps_error_by_alpha_t(name):
     s = schedule(name)
     B = 64
     g = torch.Generator().manual_seed(0)
     x0, out = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, 4, 4, generator=g)
     net = Fixed(out)
     cond, null = (torch.zeros(B, 3, 32), None), (torch.ones(1, 3, 32), None)
-    loss = vsd.denoising_loss(net, s, x0, cond, null, 0.0, generator=torch.Generator().manual_seed(9))
+    loss = vsd.denoising_loss(net, s, x0, cond, null, 0.0, loss='swiftbrush', generator=torch.Generator().manual_seed(9))
     t, eps, _ = replay_denoising_draws(B, 9, x0.shape, 0.0)
     assert torch.equal(net.ts[0], t)
     alpha, sigma = s.alpha_sigma(t)
@@ -401,19 +401,34 @@ def test_lora_teacher_loss_weights_the_eps_error_by_alpha_t(name):
 
 
 @pytest.mark.parametrize('name', ['sd', 'sd_v'])
-def test_teacher_loss_is_the_simple_loss_on_the_networks_own_output(name):
-    """weighted=False: mse against eps for an epsilon network, against v = alpha eps - sigma x0 for a
-    v-prediction one."""
+def test_native_loss_is_the_simple_loss_on_the_networks_own_output(name):
+    """The default: mse against eps for an epsilon network, against v = alpha eps - sigma x0 for a
+    v-prediction one; so at every t the loss weighs the network's own error alike (SwiftBrush's
+    weighting, on a v network, puts alpha_t^4 on it)."""
     s = schedule(name)
     B = 64
     g = torch.Generator().manual_seed(0)
     x0, out = torch.randn(B, 4, 4, 4, generator=g), torch.randn(B, 4, 4, 4, generator=g)
+    out.requires_grad_(True)
     loss = vsd.denoising_loss(Fixed(out), s, x0, (torch.zeros(B, 3, 32), None), (torch.ones(1, 3, 32), None),
-                              0.0, weighted=False, generator=torch.Generator().manual_seed(9))
+                              0.0, generator=torch.Generator().manual_seed(9))
     t, eps, _ = replay_denoising_draws(B, 9, x0.shape, 0.0)
     alpha, sigma = s.alpha_sigma(t)
     target = eps if name == 'sd' else alpha * eps - sigma * x0
     torch.testing.assert_close(loss, ((out - target) ** 2).mean(), rtol=1e-5, atol=0)
+    grad, = torch.autograd.grad(loss, out)
+    torch.testing.assert_close(grad, 2 * (out - target).detach() / out.numel(), rtol=1e-5, atol=0)
+    # SwiftBrush's weighting on the same draws: the network's error weighted by alpha^2 (eps) or alpha^4 (v)
+    sb = vsd.denoising_loss(Fixed(out), s, x0, (torch.zeros(B, 3, 32), None), (torch.ones(1, 3, 32), None),
+                            0.0, loss='swiftbrush', generator=torch.Generator().manual_seed(9))
+    power = 2 if name == 'sd' else 4
+    torch.testing.assert_close(sb, (alpha ** power * (out - target) ** 2).mean(), rtol=1e-4, atol=0)
+
+
+def test_unknown_lora_loss_is_refused():
+    with pytest.raises(ValueError, match='native'):
+        vsd.denoising_loss(Fixed(torch.zeros(1, 4, 4, 4)), schedule('sd'), torch.zeros(1, 4, 4, 4),
+                           (torch.zeros(1, 3, 32), None), (torch.ones(1, 3, 32), None), 0.0, loss='v')
 
 
 def test_denoising_loss_replaces_prompts_with_the_null_prompt():
@@ -451,3 +466,36 @@ def test_denoising_loss_trains_the_lora_adapters_only():
     loss.backward()
     assert x0.grad is None  # x0 is detached: the student gets nothing from the LoRA teacher's loss
     assert any(torch.count_nonzero(p.grad) for p in params if p.grad is not None)
+
+
+# -----------------------------------------------------------------------------
+# The whole step (train.py and bench.py both run vsd.pgsb_step)
+
+
+@pytest.mark.parametrize('fresh', [False, True])
+def test_pgsb_step_updates_the_student_then_the_lora_teacher_k_times(fresh):
+    student, teacher = tiny('tiny_unet').train(), tiny('tiny_unet')
+    teacher.requires_grad_(False)
+    base = {k: v.clone() for k, v in teacher.state_dict().items()}
+    lora_params = vsd.add_lora(teacher, rank=2, alpha=4)
+    perturb_lora(teacher)  # the LoRA teacher differs from the frozen one: the student gets a gradient
+    opts = {'student': torch.optim.AdamW(student.parameters(), lr=1e-3),
+            'lora': torch.optim.AdamW(lora_params, lr=1e-3)}
+    before = [p.clone() for p in student.parameters()]
+    cond, null = texts('tiny_unet')
+    g = torch.Generator().manual_seed(0)
+    draws = []
+
+    def draw():
+        draws.append(torch.randn(2, 4, 16, 16, generator=g))
+        return draws[-1], cond, ['a', 'b']
+
+    cfg = vsd.VSDConfig(lora_updates=3, lora_fresh=fresh)
+    info, kappa = vsd.pgsb_step(student, teacher, schedule('sd'), opts, draw, null, cfg, torch.Generator().manual_seed(1))
+    assert set(info) == {'vsd', 'lora'} and kappa.shape == (2,)
+    assert len(draws) == (4 if fresh else 1)  # fresh: a new batch of the updated student per LoRA update
+    assert opts['lora'].state[lora_params[0]]['step'] == 3 and opts['student'].state[next(student.parameters())]['step'] == 1
+    assert any(not torch.equal(a, b) for a, b in zip(before, student.parameters()))
+    state = teacher.state_dict()
+    for k, v in base.items():  # the frozen teacher's base weights never move
+        torch.testing.assert_close(state[k.replace('to_q.', 'to_q.base.').replace('to_v.', 'to_v.base.')], v, rtol=0, atol=0)
