@@ -2,11 +2,15 @@
 
 See SHAPES.md. Images are 32 x 32 RGB with one flat shape on black; captions name its colour,
 its shape, both, or nothing. This file draws real samples, builds the world's CLIP text encoder
-and tokenizer, and scores generated images (prompt accuracy, negative-prompt success, Frechet
-distance).
+and tokenizer, trains the world's teacher, and scores generated images (prompt accuracy,
+negative-prompt success, Frechet distance, diversity).
 
     python shapes.py make-text-encoder out/shapes      # text_encoder/ and tokenizer/
     python shapes.py show out/real.png                 # a grid of 64 real samples
+    python shapes.py prompts out/prompts.txt           # the world's 27 distinct captions
+    python shapes.py train-teacher                     # the teacher, from scratch: runs/shapes_teacher/teacher
+    python shapes.py evaluate                          # the shipped teacher and student, scored
+    python shapes.py curve runs/a-s0 runs/a-s1 --last  # the students of train.py runs, scored
 """
 import argparse
 import json
@@ -218,34 +222,211 @@ def frechet_distance(feats_a, feats_b, ridge=1e-6):
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
 # -----------------------------------------------------------------------------
+# Diversity (SHAPES.md, "Diversity")
+
+SPREAD_KEYS = ("centre_x", "centre_y", "size")
+
+
+def shape_prompts():
+    """The 3 prompts that name a shape and leave the colour unnamed: "a {shape}"."""
+    return [f"a {shape}" for shape in SHAPES]
+
+
+def colour_prompts():
+    """The 6 prompts that name a colour and leave the shape unnamed: "a {colour} shape"."""
+    return [f"a {colour} shape" for colour in COLOURS]
+
+
+def world_captions():
+    """The world's distinct non-null captions, sorted: 18 full, 3 shape-only, 6 colour-only."""
+    return sorted({caption(kind, shape, colour) for kind in CAPTION_KINDS if kind != "null"
+                   for shape in SHAPES for colour in COLOURS})
+
+
+def write_prompts(path):
+    """Write world_captions() one per line (the prompt file train.py's shapes preset reads)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("".join(p + "\n" for p in world_captions()))
+
+
+def images_per_prompt(n):
+    """(images per full prompt, images per under-specified prompt) for n images per figure.
+
+    The 18 full prompts get n // 18 each, as the accuracy figure always had (its numbers stay
+    comparable); the 9 under-specified prompts get ceil(n / 9) each, so their figure holds at
+    least n images."""
+    return max(1, n // len(all_prompts())), -(-n // len(shape_prompts() + colour_prompts()))
+
+
+def empty_share(images):
+    """Share of images with no shape present (a generator stuck on black images scores 1)."""
+    return float(np.mean([not classify(im)[0] for im in images]))
+
+
+def histogram(images, attribute):
+    """{"shares": {name: share}, "none": share} of one attribute ("colour" or "shape") of images.
+
+    Shares are among the images with a shape present (NaN when none is); "none" is the share of
+    images with no shape present."""
+    labels = [classify(im) for im in images]
+    present = [label for label in labels if label[0]]
+    which, names = (1, COLOURS) if attribute == "colour" else (2, SHAPES)
+    shares = {name: sum(label[which] == name for label in present) / len(present) if present else math.nan
+              for name in names}
+    return {"shares": shares, "none": 1 - len(present) / len(labels)}
+
+
+def unnamed_attribute(prompt):
+    """The attribute an under-specified prompt leaves open: "colour" for "a circle", else "shape"."""
+    return "colour" if parse_prompt(prompt)[0] is None else "shape"
+
+
+def world_histogram(prompt):
+    """The real data's histogram for an under-specified prompt, exactly: colour and shape are drawn
+    uniformly and independently of the caption."""
+    names = COLOURS if unnamed_attribute(prompt) == "colour" else SHAPES
+    return {"shares": {name: 1 / len(names) for name in names}, "none": 0.0}
+
+
+def total_variation(p, q):
+    """Half the sum of absolute differences of two histograms' shares: 0 alike, 1 disjoint."""
+    return 0.5 * sum(abs(p[name] - q[name]) for name in p)
+
+
+def spread(images, prompts):
+    """{centre_x, centre_y, size}: the standard deviation over each prompt's images (from the
+    foreground's bounding box, in image widths, as features()), averaged over the prompts.
+
+    Per prompt, so a generator that puts each prompt at one fixed place scores 0 however the places
+    differ between prompts. Only images with a shape present count; a prompt with fewer than two is
+    left out, and the result is NaN when every prompt is."""
+    feats = features(images)[:, -3:]
+    present = np.array([classify(im)[0] for im in images], bool)
+    prompts = np.asarray(prompts)
+    sds = [feats[keep].std(axis=0, ddof=1) for keep in ((prompts == p) & present for p in dict.fromkeys(prompts))
+           if keep.sum() >= 2]
+    mean = np.mean(sds, axis=0) if sds else np.full(3, math.nan)
+    return dict(zip(SPREAD_KEYS, map(float, mean)))
+
+
+def _nan_stat(fn, values):
+    """fn (max, mean) of the values that are not NaN; NaN when all are."""
+    values = [v for v in values if not math.isnan(v)]
+    return float(fn(values)) if values else math.nan
+
+
+def _ratio(a, b):
+    return a / b if b and not math.isnan(b) else math.nan
+
+
+def compare(stats, reference):
+    """How far a generator's diversity is from a reference's (the teacher's, or the world's).
+
+    "tv": the total variation distance of each under-specified prompt's histogram; its max and mean
+    over the colour-free prompts ("a circle": colour histograms, max_tv_colour) and over the
+    shape-free ones ("a red shape": shape histograms, max_tv_shape), leaving out prompts where either
+    side drew no shape at all (their "none" share shows it); "spread_ratio": spread over the
+    reference's."""
+    tv = {p: total_variation(h["shares"], reference["histograms"][p]["shares"])
+          for p, h in stats["histograms"].items()}
+    out = {"tv": tv}
+    for attribute, prompts in (("colour", shape_prompts()), ("shape", colour_prompts())):
+        out[f"max_tv_{attribute}"] = _nan_stat(max, [tv[p] for p in prompts])
+        out[f"mean_tv_{attribute}"] = _nan_stat(np.mean, [tv[p] for p in prompts])
+    out["spread_ratio"] = {k: _ratio(stats["spread"][k], reference["spread"][k]) for k in SPREAD_KEYS}
+    return out
+
+# -----------------------------------------------------------------------------
 # Evaluation of generators
+
+
+def world_reference(n, seed):
+    """What every generator is scored against: n real images' features, n captions drawn from the
+    caption distribution (the prompts of the Frechet distance), "real_fd" (a second real draw
+    against the same images: the floor at this n) and the real data's diversity ("real")."""
+    real, _ = sample_world(n, seed)
+    _, captions = sample_world(n, seed + 1)
+    real_feats = features(real)
+    prompts = shape_prompts() + colour_prompts()
+    return {"captions": captions, "real_feats": real_feats,
+            "real_fd": frechet_distance(features(sample_world(n, seed + 2)[0]), real_feats),
+            "real": {"empty_share": empty_share(real), "spread": spread(real, [""] * n),
+                     "histograms": {p: world_histogram(p) for p in prompts}}}
+
+
+def recording(generate):
+    """(generate, list): the same generator, and a list of one flag per image it has returned since,
+    True where no shape is present (the empty share over everything a generator made)."""
+    empty = []
+
+    def wrapped(*args):
+        images = generate(*args)
+        empty.extend(not classify(im)[0] for im in images)
+        return images
+    return wrapped, empty
+
+
+def per_prompt_accuracy(images, prompts):
+    """{prompt: prompt accuracy over its images}, in the prompts' first-seen order."""
+    prompts = np.asarray(prompts)
+    return {p: prompt_accuracy(images[prompts == p], [p] * int((prompts == p).sum()))
+            for p in dict.fromkeys(prompts.tolist())}
+
+
+def score(generate, n, seed, reference):
+    """One generator's numbers, without negative prompts (see evaluate for the counts and seeds)."""
+    full_n, under_n = images_per_prompt(n)
+    full = [p for p in all_prompts() for _ in range(full_n)]
+    under = [p for p in shape_prompts() + colour_prompts() for _ in range(under_n)]
+    full_images = generate(full, None, 0.0, seed + 3)
+    fd_images = generate(reference["captions"], None, 0.0, seed + 4)
+    under_images = generate(under, None, 0.0, seed + 9)
+    accuracy = per_prompt_accuracy(full_images, full)
+    worst = min(accuracy, key=accuracy.get)
+    under_arr = np.asarray(under)
+    return {"accuracy": prompt_accuracy(full_images, full),
+            "fd": frechet_distance(features(fd_images), reference["real_feats"]),
+            "per_prompt_accuracy": accuracy, "min_accuracy": accuracy[worst], "min_accuracy_prompt": worst,
+            "histograms": {p: histogram(under_images[under_arr == p], unnamed_attribute(p))
+                           for p in shape_prompts() + colour_prompts()},
+            "spread": spread(np.concatenate([full_images, under_images]), full + under)}
 
 
 def evaluate(generate_teacher, generate_student, n=256, seed=0, nasa_scale=nasa.PAPER_ALPHA['shapes']):
     """Score generators on the world's checks; generate_teacher may be None.
 
     Each generator is called as generate(prompts, negative_prompts, nasa_scale, seed) and
-    returns (N, 32, 32, 3) uint8; runs without a negative prompt pass None and scale 0.
-    Prompt accuracy uses the 18 colour-and-shape prompts, n // 18 images each. The Frechet
-    distance uses n prompts drawn from the caption distribution, against n real images;
-    "real_fd", a second real draw against the same images, is the floor at this n. Negative
-    prompts (student only) use n // 4 images per pair, with the same seed with and without
-    NASA, so that the two runs differ only by NASA.
+    returns (N, 32, 32, 3) uint8; runs without a negative prompt pass None and scale 0. n is images
+    per figure:
+    - prompt accuracy, per prompt and over all: the 18 colour-and-shape prompts, n // 18 images
+      each (seed + 3); "min_accuracy" is the worst prompt's ("min_accuracy_prompt");
+    - Frechet distance: n prompts drawn from the caption distribution (seed + 4), against n real
+      images; "real_fd", a second real draw against the same images, is the floor at this n;
+    - diversity: the 9 under-specified prompts, ceil(n / 9) images each (seed + 9): "histograms",
+      the colours drawn for "a circle" and the shapes drawn for "a red shape"; "spread", per prompt
+      over these images and the accuracy figure's (see spread); "empty_share", over every image
+      the generator made here, the negative-prompt rows' included; "vs_real" (and for the student
+      "vs_teacher" when there is a teacher) compares the histograms and spreads (see compare);
+    - negative prompts (student only): n // 4 images per pair (seeds + 5 to + 8), with the same
+      seed with and without NASA, so that the two runs differ only by NASA.
     """
-    real, _ = sample_world(n, seed)
-    _, captions = sample_world(n, seed + 1)
-    real_feats = features(real)
-    results = {"n": n, "nasa_scale": nasa_scale,
-               "real_fd": frechet_distance(features(sample_world(n, seed + 2)[0]), real_feats)}
-    prompts = [p for p in all_prompts() for _ in range(max(1, n // len(all_prompts())))]
+    reference = world_reference(n, seed)
+    full_n, under_n = images_per_prompt(n)
+    results = {"n": n, "nasa_scale": nasa_scale, "images_per_full_prompt": full_n,
+               "images_per_underspecified_prompt": under_n, "real_fd": reference["real_fd"],
+               "real": reference["real"]}
     for name, generate in (("teacher", generate_teacher), ("student", generate_student)):
-        results[name] = None if generate is None else {
-            "accuracy": prompt_accuracy(generate(prompts, None, 0.0, seed + 3), prompts),
-            "fd": frechet_distance(features(generate(captions, None, 0.0, seed + 4)), real_feats),
-        }
-    results["negative"] = [_negative_row(generate_student, prompt, negative, max(1, n // 4),
-                                         seed + 5 + i, nasa_scale)
-                           for i, (prompt, negative) in enumerate(NEGATIVE_PAIRS)]
+        if generate is None:
+            results[name] = None
+            continue
+        generate, empty = recording(generate)
+        stats = score(generate, n, seed, reference)
+        if name == "student":
+            results["negative"] = [_negative_row(generate, prompt, negative, max(1, n // 4), seed + 5 + i, nasa_scale)
+                                   for i, (prompt, negative) in enumerate(NEGATIVE_PAIRS)]
+        results[name] = {**stats, "empty_share": float(np.mean(empty)), "vs_real": compare(stats, reference["real"])}
+    if results["teacher"] is not None:
+        results["student"]["vs_teacher"] = compare(results["student"], results["teacher"])
     return results
 
 
@@ -265,14 +446,75 @@ def _fmt(value):
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
 
 
+def _summary_row(label, row, against):
+    """One row of the summary table: a generator's numbers, its TV against `against`'s histograms."""
+    sd = row["spread"]
+    tv = row.get(f"vs_{against}", {}) if against else {}
+    return (f"| {label} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('min_accuracy'))}"
+            f"{' (' + row['min_accuracy_prompt'] + ')' if 'min_accuracy_prompt' in row else ''} | "
+            f"{_fmt(row.get('fd'))} | {_fmt(row['empty_share'])} | {_fmt(sd['centre_x'])} | "
+            f"{_fmt(sd['centre_y'])} | {_fmt(sd['size'])} | {against or 'n/a'} | "
+            f"{_fmt(tv.get('max_tv_colour'))} | {_fmt(tv.get('max_tv_shape'))} |")
+
+
+def format_summary(results):
+    """The summary table: one row per model (and the real data)."""
+    lines = ["| model | accuracy | min prompt accuracy | FD to real | empty share | sd centre x | sd centre y "
+             "| sd size | TV against | max TV colour | max TV shape |", "|---|" + "---|" * 10,
+             _summary_row("real images, another draw", {**results["real"], "fd": results["real_fd"]}, None)]
+    for name in ("teacher", "student"):
+        row = results[name]
+        if row is None:
+            lines.append(f"| {name} |" + " n/a |" * 10)
+        else:
+            lines.append(_summary_row(name, row, "teacher" if "vs_teacher" in row else "real"))
+    return lines
+
+
+def format_histograms(results, attribute):
+    """Teacher and student histograms of one attribute for the prompts that leave it unnamed."""
+    names = COLOURS if attribute == "colour" else SHAPES
+    prompts = shape_prompts() if attribute == "colour" else colour_prompts()
+    lines = [f"| prompt | model | {' | '.join(names)} | none | TV |", "|---|---|" + "---|" * (len(names) + 2)]
+    for prompt in prompts:
+        for name in ("teacher", "student"):
+            row = results[name]
+            if row is None:
+                continue
+            h = row["histograms"][prompt]
+            against = row.get("vs_teacher") or row["vs_real"]
+            lines.append(f"| {prompt} | {name} | " + " | ".join(_fmt(h["shares"][k]) for k in names)
+                         + f" | {_fmt(h['none'])} | {_fmt(against['tv'][prompt])} |")
+    return lines
+
+
 def format_report(results):
     """The results of evaluate() as plain-text markdown tables."""
-    lines = [f"Shapes-world evaluation (n={results['n']})", "",
-             "| model | prompt accuracy | Frechet distance to real |", "|---|---|---|",
-             f"| real images, another draw | n/a | {_fmt(results['real_fd'])} |"]
-    for name in ("teacher", "student"):
-        row = results[name] or {}
-        lines.append(f"| {name} | {_fmt(row.get('accuracy'))} | {_fmt(row.get('fd'))} |")
+    models = [name for name in ("teacher", "student") if results[name] is not None]
+    lines = [f"Shapes-world evaluation (n={results['n']}: {results['images_per_full_prompt']} images per "
+             f"colour-and-shape prompt, {results['images_per_underspecified_prompt']} per prompt that "
+             "leaves the colour or the shape unnamed)", "", *format_summary(results), "",
+             "TV: total variation distance between the histograms of the colours drawn for \"a circle\", "
+             "\"a square\", \"a triangle\" (TV colour) or of the shapes drawn for \"a red shape\" ... "
+             "(TV shape) and those of the model named (real: uniform); max over the prompts. sd: standard "
+             "deviation over a prompt's images, in image widths, averaged over the prompts."]
+    student = results["student"]
+    if student is not None and "vs_teacher" in student:
+        vs = student["vs_teacher"]
+        ratio = vs["spread_ratio"]
+        lines += ["", f"Student / teacher spread: centre x {_fmt(ratio['centre_x'])}, centre y "
+                  f"{_fmt(ratio['centre_y'])}, size {_fmt(ratio['size'])}; mean TV against the teacher: "
+                  f"colour {_fmt(vs['mean_tv_colour'])}, shape {_fmt(vs['mean_tv_shape'])}."]
+    lines += ["", "Prompt accuracy per prompt:", "", f"| prompt | {' | '.join(models)} |",
+              "|---|" + "---|" * len(models)]
+    for prompt in all_prompts():
+        lines.append(f"| {prompt} | " + " | ".join(_fmt(results[m]["per_prompt_accuracy"][prompt]) for m in models) + " |")
+    for attribute, what in (("colour", "Colours drawn for the prompts that name no colour"),
+                            ("shape", "Shapes drawn for the prompts that name no shape")):
+        lines += ["", f"{what} (shares of the images with a shape present; none: share with no shape; TV: "
+                  "the student's against the teacher's where there is one, the teacher's against the real "
+                  "data's uniform):", "",
+                  *format_histograms(results, attribute)]
     lines += ["", f"Negative prompts, student (NASA scale {results['nasa_scale']}):", "",
               "| prompt | negative | success w/o NASA | success with NASA "
               "| accuracy w/o NASA | accuracy with NASA |", "|---|---|---|---|---|---|"]
@@ -375,11 +617,10 @@ def save_grid(images, path, scale=4):
                                  Image.NEAREST).save(path)
 
 
-def sampler(checkpoint, steps=1, cfg=1.0, layers=None):
-    """A generate callable for evaluate(), from a checkpoint folder, through sample.py; `layers`
+def pipe_sampler(pipe, steps=1, cfg=1.0, layers=None):
+    """A generate callable for evaluate() from a loaded model.Pipeline, through sample.py; `layers`
     restricts NASA to some cross-attention layers (as sample.py --nasa-layers)."""
     import sample
-    pipe = sample.load(checkpoint)
 
     def generate(prompts, negative_prompts, nasa_scale, seed):
         negative = None
@@ -392,68 +633,227 @@ def sampler(checkpoint, steps=1, cfg=1.0, layers=None):
     return generate
 
 
-def training_curve(teacher, run, n=256, seed=0):
-    """[(step, Frechet distance to real, prompt accuracy)] for every checkpoint a train.py run kept
-    (the paper's Figure 2 protocol): the student weights at each step (their EMA where the run keeps
-    one), sampled in one step from the start timestep the run's final student records."""
+def sampler(checkpoint, steps=1, cfg=1.0, layers=None):
+    """pipe_sampler of a checkpoint folder (read by sample.load)."""
+    import sample
+    return pipe_sampler(sample.load(checkpoint), steps, cfg, layers)
+
+
+def run_students(run, last=False):
+    """[(step, folder)] of what `curve` scores in a folder: a train.py run's checkpoints/step-N (every
+    one, or the newest with last); without checkpoints/, its final student/; or the folder itself
+    when it is a checkpoint folder (denoiser.safetensors). step is None for a final student."""
+    run = Path(run)
+    ckpts = sorted(run.glob("checkpoints/step-???????"))
+    if ckpts:
+        return [(int(c.name[len("step-"):]), c) for c in (ckpts[-1:] if last else ckpts)]
+    for folder in (run / "student", run):
+        if (folder / "denoiser.safetensors").is_file():
+            return [(None, folder)]
+    raise FileNotFoundError(f"{run} holds no checkpoints/step-N, no student/ and no denoiser.safetensors: "
+                            "pass a train.py output folder or a checkpoint folder")
+
+
+def student_pipe(skeleton, run, folder):
+    """The pipeline of one scored student: a checkpoint folder loads whole; a training checkpoint's
+    student weights (their EMA where the run keeps one) go into the teacher's pipeline, sampled in
+    one step from the start timestep the run's final student records (the last one without it)."""
     import sample
     from safetensors.torch import load_file
-    pipe = sample.load(teacher)
+    if (folder / "denoiser.safetensors").is_file():
+        return sample.load(folder)
+    state = load_file(str(folder / "state.safetensors"))
+    prefix = "ema." if any(k.startswith("ema.") for k in state) else "student."
+    skeleton.denoiser.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     record = Path(run, "student", "schedule.json")
-    pipe.student_t = json.loads(record.read_text()).get("student_t") if record.is_file() else None
-    _, captions = sample_world(n, seed + 1)
-    real_feats = features(sample_world(n, seed)[0])
-    prompts = [p for p in all_prompts() for _ in range(max(1, n // len(all_prompts())))]
-    curve = []
-    for ckpt in sorted(Path(run, "checkpoints").glob("step-???????")):
-        state = load_file(str(ckpt / "state.safetensors"))
-        prefix = "ema." if any(k.startswith("ema.") for k in state) else "student."
-        pipe.denoiser.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        fd = frechet_distance(features(sample.to_uint8(sample.generate(pipe, captions, seed=seed + 4))), real_feats)
-        accuracy = prompt_accuracy(sample.to_uint8(sample.generate(pipe, prompts, seed=seed + 3)), prompts)
-        curve.append((int(ckpt.name[len("step-"):]), fd, accuracy))
-    return curve
+    skeleton.student_t = json.loads(record.read_text()).get("student_t") if record.is_file() else None
+    return skeleton
+
+
+def scored(generate, n, seed, reference, teacher=None):
+    """score() of one generator with its empty share, compared with the world and the teacher."""
+    generate, empty = recording(generate)
+    stats = score(generate, n, seed, reference)
+    stats["empty_share"] = float(np.mean(empty))
+    stats["vs_real"] = compare(stats, reference["real"])
+    if teacher is not None:
+        stats["vs_teacher"] = compare(stats, teacher)
+    return stats
+
+
+def training_curves(teacher, runs, n=256, seed=0, teacher_steps=25, teacher_cfg=3.0, last=False):
+    """{"teacher": its numbers, "runs": {run: [point, ...]}}: score() of each student of each run
+    (see run_students), one step, with the same prompts and seeds as evaluate (the paper's Figure 2
+    protocol, with the diversity numbers). Each point also carries "step" and "vs_teacher". The
+    teacher (DDIM, teacher_steps steps, CFG teacher_cfg) is sampled once, however many points."""
+    import sample
+    reference = world_reference(n, seed)
+    found = {run: run_students(run, last) for run in runs}  # a bad folder fails before any sampling
+    result = {"n": n, "teacher_steps": teacher_steps, "teacher_cfg": teacher_cfg,
+              "teacher": scored(sampler(teacher, teacher_steps, teacher_cfg), n, seed, reference), "runs": {}}
+    skeleton = sample.load(teacher)
+    for run, students in found.items():
+        result["runs"][run] = [{"step": step, **scored(pipe_sampler(student_pipe(skeleton, run, folder)), n, seed,
+                                                       reference, result["teacher"])}
+                               for step, folder in students]
+    return result
+
+
+def _mean_sd(values):
+    """mean +- standard deviation over seeds; the mean alone for one value; n/a for none."""
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "n/a"
+    return _fmt(float(np.mean(values))) + (f" +- {np.std(values):.3f}" if len(values) > 1 else "")
+
+
+CURVE_COLUMNS = (  # (heading, the value of a point)
+    ("FD", lambda p: p["fd"]), ("accuracy", lambda p: p["accuracy"]),
+    ("min prompt accuracy", lambda p: p["min_accuracy"]), ("empty share", lambda p: p["empty_share"]),
+    ("sd x / teacher", lambda p: p["vs_teacher"]["spread_ratio"]["centre_x"]),
+    ("sd y / teacher", lambda p: p["vs_teacher"]["spread_ratio"]["centre_y"]),
+    ("sd size / teacher", lambda p: p["vs_teacher"]["spread_ratio"]["size"]),
+    ("max TV colour", lambda p: p["vs_teacher"]["max_tv_colour"]),
+    ("max TV shape", lambda p: p["vs_teacher"]["max_tv_shape"]))
 
 
 def format_curves(curves):
-    """Markdown tables of Frechet distance and prompt accuracy over steps, one column per group of
-    runs: runs named NAME-sSEED are one group, shown as mean +- standard deviation over seeds."""
+    """training_curves() as markdown: the teacher's numbers, then one row per group of runs and step.
+    Runs named NAME-sSEED are one group, shown as mean +- standard deviation over seeds; a final
+    student (no step) is shown as step "final". TV is against the teacher's histograms."""
+    t = curves["teacher"]
+    lines = [f"Teacher ({curves['teacher_steps']} DDIM steps, CFG {curves['teacher_cfg']}, n={curves['n']}): "
+             f"FD {_fmt(t['fd'])}, accuracy {_fmt(t['accuracy'])}, min prompt accuracy "
+             f"{_fmt(t['min_accuracy'])} ({t['min_accuracy_prompt']}), empty share {_fmt(t['empty_share'])}, "
+             f"sd centre x / y / size {_fmt(t['spread']['centre_x'])} / {_fmt(t['spread']['centre_y'])} / "
+             f"{_fmt(t['spread']['size'])}, max TV against the real data: colour "
+             f"{_fmt(t['vs_real']['max_tv_colour'])}, shape {_fmt(t['vs_real']['max_tv_shape'])}.", ""]
     groups = {}
-    for run, curve in curves.items():
-        name = re.sub(r"-s\d+$", "", Path(run).name)
-        groups.setdefault(name, []).append({step: (fd, acc) for step, fd, acc in curve})
-    steps = sorted({step for runs in groups.values() for c in runs for step in c})
-    lines = []
-    for title, k in (("Frechet distance to real", 0), ("prompt accuracy", 1)):
-        head = " | ".join(f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})" for name, runs in groups.items())
-        lines += ["", f"{title}:", "", f"| step | {head} |", "|---|" + "---|" * len(groups)]
+    for run, points in curves["runs"].items():
+        groups.setdefault(re.sub(r"-s\d+$", "", Path(run).name), []).append({p["step"]: p for p in points})
+    lines += ["| run | step | " + " | ".join(h for h, _ in CURVE_COLUMNS) + " | worst prompt |",
+              "|---|---|" + "---|" * (len(CURVE_COLUMNS) + 1)]
+    for name, runs in groups.items():
+        label = f"{name} ({len(runs)} run{'s' * (len(runs) > 1)})"
+        steps = sorted({s for c in runs for s in c}, key=lambda s: (s is None, s or 0))
         for step in steps:
-            cells = []
-            for runs in groups.values():
-                values = [c[step][k] for c in runs if step in c]
-                cell = "n/a" if not values else _fmt(float(np.mean(values)))
-                if len(values) > 1:
-                    cell += f" +- {np.std(values):.3f}"
-                cells.append(cell)
-            lines.append(f"| {step} | " + " | ".join(cells) + " |")
-    return "\n".join(lines[1:])
+            points = [c[step] for c in runs if step in c]
+            worst = sorted({p["min_accuracy_prompt"] for p in points})
+            lines.append(f"| {label} | {'final' if step is None else step} | "
+                         + " | ".join(_mean_sd([value(p) for p in points]) for _, value in CURVE_COLUMNS)
+                         + f" | {' / '.join(worst)} |")
+    return "\n".join(lines)
+
+# -----------------------------------------------------------------------------
+# Training the world's teacher
+
+
+def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3, ema=0.999, seed=0,
+                  text_encoder="checkpoints/shapes_text", prediction_type="v_prediction", save_every=500,
+                  log_every=10, resume=False, device=""):
+    """Train the shapes UNet from scratch on real samples by plain denoising; write out/teacher.
+
+    The network's own target (v for a v network), no null-prompt dropout (the null caption is 10% of
+    the world's), AdamW with a 2% warm-up then cosine decay to zero, gradients clipped at 1, an EMA
+    of the weights (0: none) saved as the teacher. out/checkpoints hold resumable states, out/log.jsonl
+    the losses. Step s trains on sample_world(batch_size, seed * 10**7 + s).
+    """
+    import hashlib
+    import time
+
+    from tqdm import tqdm
+
+    import model as M
+    import vsd
+    from train import cache_prompts, lerp_ema, load_training_state, lr_factor, save_training_state
+    out = Path(out)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)  # the initial weights
+    net = M.build(M.PRESETS["shapes"]).to(device)
+    schedule = M.NoiseSchedule(M.Schedule(prediction_type=prediction_type)).to(device)
+    prompts = world_captions() + [""]
+    digest = hashlib.sha1(json.dumps([str(text_encoder), prompts]).encode()).hexdigest()[:12]
+    prompts, ctx, _, null = cache_prompts(M.TextEncoder(text_encoder).to(device), prompts,
+                                          out / "prompt_cache" / f"{digest}-0-of-1.safetensors")
+    null = (null[0].to(device), None)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
+    trained = {"student": net}  # the names train.py's checkpoints use, so its teacher runs resume here
+    ema_net = None
+    if ema > 0:
+        ema_net = M.build(net.cfg).to(device).requires_grad_(False)
+        ema_net.load_state_dict(net.state_dict())
+        trained["ema"] = ema_net
+    generator = torch.Generator(device).manual_seed(seed * 1000)
+    step = load_training_state(out, trained, {"student": opt}, generator) if resume else 0
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    bar = tqdm(total=steps, initial=step, desc="teacher")
+    with open(out / "log.jsonl", "a") as log:
+        while step < steps:
+            t0 = time.time()
+            for group in opt.param_groups:  # a function of the step alone: --resume needs no scheduler state
+                group["lr"] = lr * lr_factor("cosine", step, steps)
+            # train.py's teacher mode drew caption indices here and then used the images' own captions;
+            # the draw stays so the generator's stream, and the shipped teacher, are as train.py made them.
+            torch.randint(len(prompts), (batch_size,), generator=generator, device=device)
+            images, captions = sample_world(batch_size, seed=seed * 10**7 + step)
+            x0 = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+            c = ctx[[prompts.index(p) for p in captions]].to(device)
+            with autocast:
+                loss = vsd.denoising_loss(net, schedule, x0, (c, None), null, 0.0, loss="native", generator=generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+            if ema_net is not None:
+                lerp_ema(ema_net, net, ema, step)
+            step += 1
+            bar.update(1)
+            if step % log_every == 0 or step == steps:
+                log.write(json.dumps({"step": step, "loss": loss.item(), "sec": round(time.time() - t0, 3)}) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if step % save_every == 0 or step == steps:
+                save_training_state(out, step, trained, {"student": opt}, generator, keep=2)
+    bar.close()
+    M.save_checkpoint(out / "teacher", (ema_net or net).eval(), M.PixelSpace(), schedule, text_folder=text_encoder)
+    return out / "teacher"
+
+# -----------------------------------------------------------------------------
+# Command line
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    make = commands.add_parser("make-text-encoder", help="write OUT/text_encoder and OUT/tokenizer",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    def command(name, summary):
+        return commands.add_parser(name, help=summary, description=summary,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    make = command("make-text-encoder", "write OUT/text_encoder and OUT/tokenizer")
     make.add_argument("out", help="checkpoint folder to write into")
     make.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     make.add_argument("--hidden-size", type=int, default=64, help="width of the text encoder")
-    show = commands.add_parser("show", help="write a grid of 64 real samples to OUT.png",
-                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    show = command("show", "write a grid of 64 real samples to OUT.png")
     show.add_argument("out", help="PNG file to write")
     show.add_argument("--seed", type=int, default=0, help="seed of the samples")
-    ev = commands.add_parser("evaluate", help="score a teacher and a one-step student on the world's checks",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    prompts = command("prompts", "write the world's distinct non-null captions to OUT, one per line, sorted")
+    prompts.add_argument("out", help="text file to write")
+    tt = command("train-teacher", "train the world's teacher from scratch (plain denoising); writes OUT/teacher")
+    tt.add_argument("--out", default="runs/shapes_teacher", help="output folder: checkpoints/, log.jsonl, teacher/")
+    tt.add_argument("--steps", type=int, default=2400, help="training steps")
+    tt.add_argument("--batch-size", type=int, default=32, help="real images per step")
+    tt.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (2%% warm-up, cosine decay to 0)")
+    tt.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights, saved as the teacher (0: none)")
+    tt.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the noise and the images")
+    tt.add_argument("--text-encoder", default="checkpoints/shapes_text", help="folder with text_encoder/ and tokenizer/")
+    tt.add_argument("--prediction-type", default="v_prediction", choices=["v_prediction", "epsilon"],
+                    help="what the network predicts (v: a one-step student reads x0 without dividing by alpha_T)")
+    tt.add_argument("--save-every", type=int, default=500, help="write a resumable checkpoint every N steps")
+    tt.add_argument("--log-every", type=int, default=10, help="append the loss to log.jsonl every N steps")
+    tt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    tt.add_argument("--device", default="", help="device ('': cuda if available, else cpu)")
+    ev = command("evaluate", "score a teacher and a one-step student on the world's checks")
     ev.add_argument("--teacher", default="checkpoints/shapes_teacher", help="teacher checkpoint ('' to skip)")
     ev.add_argument("--student", default="checkpoints/shapes_student", help="one-step student checkpoint")
     ev.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps for the teacher")
@@ -462,23 +862,33 @@ def main(argv=None):
                     help="NASA alpha for the negative-prompt rows")
     ev.add_argument("--nasa-layers", default="",
                     help="comma-separated substrings of the cross-attention layers NASA acts in ('': all)")
-    ev.add_argument("--n", type=int, default=256, help="images per figure")
+    ev.add_argument("--n", type=int, default=256,
+                    help="images per figure: n // 18 per colour-and-shape prompt, ceil(n / 9) per prompt that "
+                         "leaves the colour or the shape unnamed, n captions for the Frechet distance, n // 4 "
+                         "per negative-prompt pair")
     ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
     ev.add_argument("--json", default="", help="also write the results to this JSON file")
-    cur = commands.add_parser("curve", help="Frechet distance and prompt accuracy over the steps of train.py runs (Figure 2)",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    cur.add_argument("runs", nargs="+", help="train.py output folders (their checkpoints/ are read)")
-    cur.add_argument("--teacher", default="checkpoints/shapes_teacher", help="the teacher the runs started from")
-    cur.add_argument("--n", type=int, default=256, help="images per point")
+    cur = command("curve", "prompt accuracy, Frechet distance and diversity of the students of train.py runs "
+                           "(Figure 2), against the teacher's")
+    cur.add_argument("runs", nargs="+", help="train.py output folders (their checkpoints/, else their student/), "
+                                             "or checkpoint folders")
+    cur.add_argument("--teacher", default="checkpoints/shapes_teacher",
+                     help="the teacher the runs started from: the reference, sampled once")
+    cur.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps for the teacher")
+    cur.add_argument("--teacher-cfg", type=float, default=3.0, help="guidance scale for the teacher")
+    cur.add_argument("--last", action="store_true", help="score only each run's newest checkpoint")
+    cur.add_argument("--n", type=int, default=256, help="images per figure (as in evaluate)")
     cur.add_argument("--seed", type=int, default=0, help="seed of the evaluation (as in evaluate)")
     cur.add_argument("--json", default="", help="also write the curves to this JSON file")
     args = parser.parse_args(argv)
     if args.command == "curve":
-        curves = {run: training_curve(args.teacher, run, args.n, args.seed) for run in args.runs}
+        try:
+            curves = training_curves(args.teacher, args.runs, args.n, args.seed, args.teacher_steps,
+                                     args.teacher_cfg, args.last)
+        except FileNotFoundError as e:
+            parser.exit(2, f"shapes.py curve: error: {e}\n")
         print(format_curves(curves))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(curves, f, indent=2)
+        _write_json(args.json, curves)
     elif args.command == "evaluate":
         torch.manual_seed(args.seed)
         teacher = sampler(args.teacher, args.teacher_steps, args.teacher_cfg) if args.teacher else None
@@ -486,9 +896,18 @@ def main(argv=None):
         results = evaluate(teacher, sampler(args.student, layers=layers), n=args.n, seed=args.seed,
                            nasa_scale=args.nasa_scale)
         print(format_report(results))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        _write_json(args.json, results)
+    elif args.command == "train-teacher":
+        try:
+            folder = train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed,
+                                   args.text_encoder, args.prediction_type, args.save_every, args.log_every,
+                                   args.resume, args.device)
+        except FileNotFoundError as e:  # no text encoder folder
+            parser.exit(2, f"shapes.py train-teacher: error: {e}\n")
+        print(f"wrote {folder}")
+    elif args.command == "prompts":
+        write_prompts(args.out)
+        print(f"wrote {len(world_captions())} prompts to {args.out}")
     elif args.command == "make-text-encoder":
         make_text_encoder(args.out, seed=args.seed, hidden_size=args.hidden_size)
         print(f"wrote {args.out}/text_encoder and {args.out}/tokenizer")
@@ -496,6 +915,12 @@ def main(argv=None):
         images, captions = sample_world(64, args.seed)
         save_grid(images, args.out)
         print(f"wrote {args.out}; captions, row by row:\n" + " | ".join(captions))
+
+
+def _write_json(path, results):
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -235,6 +235,163 @@ def test_evaluate_red_circle_generator():
     assert "| a square | blue | n/a | n/a | 0.000 | 0.000 |" in report
 
 
+def fixed_red_circle(prompts, negative_prompts, nasa_scale, seed):
+    """Ignores its prompts and its seed: the same red circle at the same place, every time."""
+    return np.stack([render("circle", "red", 12, 16, 16) for _ in prompts])
+
+
+def black(prompts, negative_prompts, nasa_scale, seed):
+    return np.zeros((len(prompts), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+
+
+def test_histograms_and_total_variation_of_a_collapsed_generator():
+    images = fixed_red_circle(["a circle"] * 5, None, 0.0, 0)
+    colours = shapes.histogram(images, "colour")
+    assert colours == {"shares": {c: float(c == "red") for c in COLOURS}, "none": 0.0}
+    # Against the world's uniform colours: 0.5 * (5/6 + 5 * 1/6) = 5/6; shapes: 0.5 * (2/3 + 2 * 1/3).
+    assert shapes.total_variation(colours["shares"], shapes.world_histogram("a circle")["shares"]) == pytest.approx(5 / 6)
+    circles = shapes.histogram(images, "shape")["shares"]
+    assert shapes.total_variation(circles, shapes.world_histogram("a red shape")["shares"]) == pytest.approx(2 / 3)
+    assert shapes.total_variation(circles, circles) == 0.0
+    # Images with no shape present count only in "none".
+    mixed = np.concatenate([images[:1], black([""] * 3, None, 0.0, 0)])
+    assert shapes.histogram(mixed, "shape") == {"shares": {"circle": 1.0, "square": 0.0, "triangle": 0.0}, "none": 0.75}
+    empty = shapes.histogram(black([""] * 3, None, 0.0, 0), "colour")
+    assert empty["none"] == 1.0 and all(math.isnan(v) for v in empty["shares"].values())
+
+
+def test_empty_share():
+    assert shapes.empty_share(fixed_red_circle([""] * 4, None, 0.0, 0)) == 0.0
+    assert shapes.empty_share(black([""] * 4, None, 0.0, 0)) == 1.0
+    tiny = render("circle", "blue", 6, 10, 10)  # under 40 pixels: no shape present
+    assert shapes.empty_share(np.stack([tiny, render("square", "red", 12, 16, 16)])) == 0.5
+
+
+def test_spread_is_per_prompt():
+    a = [render("square", "red", 10, 8, 8), render("square", "red", 10, 12, 8)]  # x 0.25 and 0.375
+    b = [render("square", "red", 10, 24, 24)] * 2
+    sd = shapes.spread(np.stack(a + b), ["a", "a", "b", "b"])
+    # Prompt a: x sd (ddof 1) 0.125 / sqrt(2), y and size 0; prompt b: 0; averaged over the two.
+    assert sd == pytest.approx({"centre_x": 0.125 / math.sqrt(2) / 2, "centre_y": 0.0, "size": 0.0})
+    # One fixed place per prompt scores 0, however far apart the prompts' places are.
+    assert shapes.spread(np.stack([a[0], a[0], b[0], b[0]]), ["a", "a", "b", "b"]) == {k: 0.0 for k in shapes.SPREAD_KEYS}
+    # Empty images do not count; a prompt with fewer than two shapes is left out.
+    sd = shapes.spread(np.stack(a + [b[0], np.zeros_like(b[0])]), ["a", "a", "b", "b"])
+    assert sd["centre_x"] == pytest.approx(0.125 / math.sqrt(2))
+    assert all(math.isnan(v) for v in shapes.spread(black(["a"] * 3, None, 0.0, 0), ["a"] * 3).values())
+    # Real data: about 0.17 for each centre coordinate and 0.08 for size (SHAPES.md).
+    real = shapes.spread(shapes.sample_world(1000, 0)[0], [""] * 1000)
+    assert real == pytest.approx({"centre_x": 0.165, "centre_y": 0.165, "size": 0.08}, abs=0.015)
+
+
+def test_compare_leaves_out_prompts_with_no_shape():
+    stats = {"histograms": {p: shapes.world_histogram(p) for p in shapes.shape_prompts() + shapes.colour_prompts()},
+             "spread": {"centre_x": 0.1, "centre_y": 0.2, "size": 0.0}}
+    stats["histograms"]["a circle"] = shapes.histogram(fixed_red_circle([""], None, 0.0, 0), "colour")
+    stats["histograms"]["a square"] = shapes.histogram(black([""], None, 0.0, 0), "colour")
+    reference = {"histograms": {p: shapes.world_histogram(p) for p in stats["histograms"]},
+                 "spread": {"centre_x": 0.2, "centre_y": 0.2, "size": 0.0}}
+    out = shapes.compare(stats, reference)
+    assert out["tv"]["a circle"] == pytest.approx(5 / 6) and math.isnan(out["tv"]["a square"])
+    assert out["max_tv_colour"] == pytest.approx(5 / 6) and out["mean_tv_colour"] == pytest.approx(5 / 12)
+    assert out["max_tv_shape"] == out["mean_tv_shape"] == 0.0
+    assert out["spread_ratio"]["centre_x"] == 0.5 and out["spread_ratio"]["centre_y"] == 1.0
+    assert math.isnan(out["spread_ratio"]["size"])  # nothing to divide by
+
+
+def test_evaluate_diversity_of_a_collapsed_student():
+    results = shapes.evaluate(red_circle_generator, fixed_red_circle, n=144, seed=0)
+    assert (results["images_per_full_prompt"], results["images_per_underspecified_prompt"]) == (8, 16)
+    student, teacher = results["student"], results["teacher"]
+    assert student["per_prompt_accuracy"] == {p: float(p == "a red circle") for p in shapes.all_prompts()}
+    assert student["min_accuracy"] == 0.0 and student["min_accuracy_prompt"] == "a red square"
+    assert student["empty_share"] == teacher["empty_share"] == 0.0
+    assert student["spread"] == {k: 0.0 for k in shapes.SPREAD_KEYS}
+    assert teacher["spread"]["centre_x"] > 0.1
+    # Both draw only red circles: the same histograms; only the spread tells them apart.
+    vs = student["vs_teacher"]
+    assert vs["max_tv_colour"] == vs["max_tv_shape"] == 0.0
+    assert vs["spread_ratio"] == {k: 0.0 for k in shapes.SPREAD_KEYS}
+    for row in (student, teacher):
+        assert row["vs_real"]["max_tv_colour"] == row["vs_real"]["mean_tv_colour"] == pytest.approx(5 / 6)
+        assert row["vs_real"]["max_tv_shape"] == pytest.approx(2 / 3)
+    report = shapes.format_report(results)
+    assert "| student | 0.056 | 0.000 (a red square) |" in report
+    assert "| 0.000 | 0.000 | 0.000 | teacher | 0.000 | 0.000 |" in report  # sd x, y, size; TV
+    assert "| a red square | 0.000 | 0.000 |" in report  # per-prompt accuracy, teacher and student
+    assert "| a circle | student | 1.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in report
+    assert "| a red shape | teacher | 1.000 | 0.000 | 0.000 | 0.000 | 0.667 |" in report  # TV against the world
+
+
+def test_evaluate_black_images():
+    results = shapes.evaluate(None, black, n=36, seed=0)
+    student = results["student"]
+    assert student["empty_share"] == 1.0 and student["accuracy"] == student["min_accuracy"] == 0.0
+    assert all(math.isnan(v) for v in student["spread"].values())
+    assert math.isnan(student["vs_real"]["max_tv_colour"]) and "vs_teacher" not in student
+    assert "| student | 0.000 | 0.000 (a red circle) |" in shapes.format_report(results)
+
+
+def test_evaluate_ideal_generator_keeps_the_world_diversity():
+    results = shapes.evaluate(ideal_generator, ideal_generator, n=288, seed=0)
+    real = results["real"]["spread"]
+    for name in ("teacher", "student"):
+        row = results[name]
+        assert row["empty_share"] == 0.0 and row["min_accuracy"] == 1.0
+        assert row["vs_real"]["max_tv_colour"] < 0.4 and row["vs_real"]["max_tv_shape"] < 0.3
+        for k in shapes.SPREAD_KEYS:
+            assert 0.7 < row["spread"][k] / real[k] < 1.3, (name, k)
+
+
+def test_format_curves_groups_seeds_into_mean_and_deviation():
+    def point(step, fd, accuracy, worst="a red circle", ratio=1.0):
+        return {"step": step, "fd": fd, "accuracy": accuracy, "min_accuracy": accuracy / 2,
+                "min_accuracy_prompt": worst, "empty_share": 0.0,
+                "vs_teacher": {"spread_ratio": {k: ratio for k in shapes.SPREAD_KEYS},
+                               "max_tv_colour": 0.25, "max_tv_shape": math.nan}}
+    teacher = {"fd": 0.04, "accuracy": 0.97, "min_accuracy": 0.8, "min_accuracy_prompt": "a red square",
+               "empty_share": 0.0, "spread": {"centre_x": 0.17, "centre_y": 0.16, "size": 0.08},
+               "vs_real": {"max_tv_colour": 0.1, "max_tv_shape": 0.2}}
+    curves = {"n": 256, "teacher_steps": 25, "teacher_cfg": 3.0, "teacher": teacher, "runs": {
+        "runs/exp/none-s0": [point(25, 1.0, 0.5), point(50, 2.0, 0.25)],
+        "runs/exp/none-s1": [point(25, 3.0, 0.75, "a blue circle", 0.5), point(50, 4.0, 0.25)],
+        "runs/exp/lora-s0": [point(25, 0.5, 1.0)], "ckpt/student": [point(None, 0.3, 0.9)]}}
+    text = shapes.format_curves(curves)
+    assert "Teacher (25 DDIM steps, CFG 3.0, n=256): FD 0.040, accuracy 0.970, min prompt accuracy 0.800 " \
+           "(a red square)" in text
+    assert ("| none (2 runs) | 25 | 2.000 +- 1.000 | 0.625 +- 0.125 | 0.312 +- 0.062 | 0.000 +- 0.000 "
+            "| 0.750 +- 0.250 | 0.750 +- 0.250 | 0.750 +- 0.250 | 0.250 +- 0.000 | n/a "
+            "| a blue circle / a red circle |") in text
+    assert "| none (2 runs) | 50 | 3.000 +- 1.000 | 0.250 +- 0.000 |" in text
+    assert "| lora (1 run) | 25 | 0.500 | 1.000 | 0.500 | 0.000 | 1.000 |" in text
+    assert "| student (1 run) | final | 0.300 |" in text
+
+
+def test_run_students_reads_runs_students_and_checkpoint_folders(tmp_path):
+    run = tmp_path / "run"
+    for step in (50, 100):
+        (run / "checkpoints" / f"step-{step:07d}").mkdir(parents=True)
+    (run / "student").mkdir()
+    (run / "student" / "denoiser.safetensors").touch()
+    assert shapes.run_students(run) == [(50, run / "checkpoints" / "step-0000050"),
+                                        (100, run / "checkpoints" / "step-0000100")]
+    assert shapes.run_students(run, last=True) == [(100, run / "checkpoints" / "step-0000100")]
+    (run / "checkpoints").rename(tmp_path / "elsewhere")
+    assert shapes.run_students(run) == [(None, run / "student")]
+    assert shapes.run_students(run / "student", last=True) == [(None, run / "student")]
+    with pytest.raises(FileNotFoundError, match="no checkpoints/step-N, no student/"):
+        shapes.run_students(tmp_path / "elsewhere")
+
+
+def test_prompts_file_is_the_world_captions(tmp_path):
+    shapes.main(["prompts", str(tmp_path / "p.txt")])
+    lines = (tmp_path / "p.txt").read_text().splitlines()
+    assert lines == sorted(lines) and len(lines) == 27 == len(set(lines))
+    assert set(lines) == set(shapes.all_prompts() + shapes.shape_prompts() + shapes.colour_prompts())
+    shipped = os.path.join(os.path.dirname(__file__), "..", "checkpoints", "shapes_prompts.txt")
+    assert open(shipped).read().splitlines() == lines
+
+
 # -----------------------------------------------------------------------------
 # Text encoder and tokenizer
 
@@ -244,19 +401,6 @@ def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes_ckpt")
     shapes.main(["make-text-encoder", str(out)])
     return out
-
-
-def test_format_curves_groups_seeds_into_mean_and_deviation():
-    curves = {"runs/exp/none-s0": [(25, 1.0, 0.5), (50, 2.0, 0.25)],
-              "runs/exp/none-s1": [(25, 3.0, 0.75), (50, 4.0, 0.25)],
-              "runs/exp/lora-s0": [(25, 0.5, 1.0)]}
-    text = shapes.format_curves(curves)
-    fd, acc = text.split("prompt accuracy:")
-    assert "| step | none (2 runs) | lora (1 run) |" in fd
-    assert "| 25 | 2.000 +- 1.000 | 0.500 |" in fd
-    assert "| 50 | 3.000 +- 1.000 | n/a |" in fd
-    assert "| 25 | 0.625 +- 0.125 | 1.000 |" in acc
-    assert "| 50 | 0.250 +- 0.000 | n/a |" in acc
 
 
 def test_tokenizer_gives_one_token_per_word(checkpoint):

@@ -1,11 +1,14 @@
-"""The shapes world end to end: the teacher and student presets train through train.py, the
-evaluation command scores the shipped checkpoints, and `python sample.py` with no arguments writes
-its NASA demo grid."""
+"""The shapes world end to end: the teacher trains through shapes.py train-teacher and the student
+preset through train.py, the evaluation commands score them and the shipped checkpoints, and
+`python sample.py` with no arguments writes its NASA demo grid."""
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import model as M
@@ -14,29 +17,78 @@ import shapes
 from conftest import ROOT, run_script
 
 
+DIVERSITY_KEYS = {"accuracy", "fd", "per_prompt_accuracy", "min_accuracy", "min_accuracy_prompt", "histograms",
+                  "spread", "empty_share", "vs_real"}
+COMPARISON_KEYS = {"tv", "max_tv_colour", "mean_tv_colour", "max_tv_shape", "mean_tv_shape", "spread_ratio"}
+
+
+def assert_scores(row, teacher=True):
+    """One generator's numbers, as evaluate and curve write them."""
+    assert DIVERSITY_KEYS | ({"vs_teacher"} if teacher else set()) <= set(row), sorted(row)
+    assert 0.0 <= row["min_accuracy"] <= row["accuracy"] <= 1.0 and row["fd"] >= 0.0
+    assert set(row["per_prompt_accuracy"]) == set(shapes.all_prompts())
+    assert set(row["histograms"]) == set(shapes.shape_prompts() + shapes.colour_prompts())
+    assert 0.0 <= row["empty_share"] <= 1.0 and set(row["spread"]) == set(shapes.SPREAD_KEYS)
+    for key in ("vs_real", "vs_teacher") if teacher else ("vs_real",):
+        assert set(row[key]) == COMPARISON_KEYS
+
+
 def test_teacher_then_student_train_a_few_steps(tmp_path):
-    proc = run_script('train.py', '--preset', 'shapes_teacher', '--steps', '2', '--batch-size', '4',
+    proc = run_script('shapes.py', 'train-teacher', '--steps', '2', '--batch-size', '4',
                       '--out', tmp_path / 'teacher_run', '--save-every', '1', '--log-every', '1', timeout=300)
     assert proc.returncode == 0, proc.stderr
     losses = [json.loads(l)['loss'] for l in (tmp_path / 'teacher_run' / 'log.jsonl').read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     teacher = M.load_checkpoint(tmp_path / 'teacher_run' / 'teacher')
     assert teacher.student_t is None and isinstance(teacher.vae, M.PixelSpace)
+    assert teacher.schedule.config.prediction_type == 'v_prediction'
 
     proc = run_script('train.py', '--preset', 'shapes', '--teacher', tmp_path / 'teacher_run' / 'teacher',
                       '--steps', '2', '--batch-size', '4', '--out', tmp_path / 'student_run', '--val-every', '2',
-                      timeout=300)
+                      '--save-every', '1', timeout=300)
     assert proc.returncode == 0, proc.stderr
     student = M.load_checkpoint(tmp_path / 'student_run' / 'student')
     assert student.student_t == student.schedule.T - 1
     assert (tmp_path / 'student_run' / 'val' / 'step-0000002.png').is_file()
 
-    proc = run_script('shapes.py', 'curve', tmp_path / 'student_run', '--teacher', tmp_path / 'teacher_run' / 'teacher',
+    # Every checkpoint of a run, a final student, and --last; the teacher is sampled once.
+    proc = run_script('shapes.py', 'curve', tmp_path / 'student_run', tmp_path / 'student_run' / 'student',
+                      '--teacher', tmp_path / 'teacher_run' / 'teacher', '--teacher-steps', '2',
                       '--n', '18', '--json', tmp_path / 'curve.json', timeout=300)
     assert proc.returncode == 0, proc.stderr
-    [(step, fd, accuracy)] = json.loads((tmp_path / 'curve.json').read_text())[str(tmp_path / 'student_run')]
-    assert step == 2 and fd >= 0.0 and 0.0 <= accuracy <= 1.0
-    assert '| 2 | ' in proc.stdout and 'prompt accuracy:' in proc.stdout
+    curves = json.loads((tmp_path / 'curve.json').read_text())
+    assert (curves['n'], curves['teacher_steps'], curves['teacher_cfg']) == (18, 2, 3.0)
+    assert_scores(curves['teacher'], teacher=False)
+    run, final = (curves['runs'][str(tmp_path / name)] for name in ('student_run', 'student_run/student'))
+    assert [p['step'] for p in run] == [1, 2] and [p['step'] for p in final] == [None]
+    for point in run + final:
+        assert_scores(point)
+    # The final student is the run's last checkpoint (no EMA): the same images, the same numbers.
+    assert final[0]['per_prompt_accuracy'] == run[-1]['per_prompt_accuracy']
+    assert final[0]['histograms'] == run[-1]['histograms']
+    assert 'Teacher (2 DDIM steps, CFG 3.0, n=18)' in proc.stdout
+    assert '| student_run (1 run) | 1 | ' in proc.stdout and '| student (1 run) | final | ' in proc.stdout
+
+    proc = run_script('shapes.py', 'curve', tmp_path / 'student_run', '--last', '--teacher',
+                      tmp_path / 'teacher_run' / 'teacher', '--teacher-steps', '2', '--n', '18',
+                      '--json', tmp_path / 'last.json', timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    [point] = json.loads((tmp_path / 'last.json').read_text())['runs'][str(tmp_path / 'student_run')]
+    assert point['step'] == 2
+
+    proc = run_script('shapes.py', 'curve', tmp_path / 'teacher_run' / 'prompt_cache', timeout=120)
+    assert proc.returncode != 0 and 'no checkpoints/step-N, no student/' in proc.stderr
+
+
+def test_train_teacher_resumes_to_the_same_weights(tmp_path):
+    from safetensors.torch import load_file
+    common = dict(steps=3, batch_size=2, save_every=1, text_encoder=ROOT / 'checkpoints' / 'shapes_text')
+    shapes.train_teacher(tmp_path / 'straight', **common)
+    step = Path('checkpoints') / 'step-0000002'  # as if the run had stopped after step 2
+    shutil.copytree(tmp_path / 'straight' / step, tmp_path / 'resumed' / step)
+    shapes.train_teacher(tmp_path / 'resumed', resume=True, **common)
+    a, b = (load_file(tmp_path / run / 'teacher' / 'denoiser.safetensors') for run in ('straight', 'resumed'))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_evaluate_on_shipped_checkpoints(tmp_path):
@@ -44,9 +96,12 @@ def test_evaluate_on_shipped_checkpoints(tmp_path):
     proc = run_script('shapes.py', 'evaluate', '--n', '36', '--teacher-steps', '2', '--json', out, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert '| teacher |' in proc.stdout and '| student |' in proc.stdout
+    assert 'Prompt accuracy per prompt:' in proc.stdout and '| a circle | student |' in proc.stdout
     res = json.loads(out.read_text())
-    for name in ('teacher', 'student'):
-        assert 0.0 <= res[name]['accuracy'] <= 1.0 and res[name]['fd'] >= 0.0
+    assert (res['images_per_full_prompt'], res['images_per_underspecified_prompt']) == (2, 4)
+    assert_scores(res['teacher'], teacher=False)
+    assert_scores(res['student'])
+    assert set(res['real']) == {'empty_share', 'spread', 'histograms'}
     assert len(res['negative']) == 4
     for row in res['negative']:
         for key in ('success_without', 'success_with'):
