@@ -266,6 +266,14 @@ def test_cosine_learning_rate_schedule():
     assert all(train.lr_factor('constant', s, steps) == 1.0 for s in (0, 500, 999))
 
 
+def test_warmup_then_constant_or_cosine():
+    steps = 300  # --warmup 50: linear from 1/50 to 1 over the first 50 steps
+    const = [train.lr_factor('constant', s, steps, 50) for s in range(steps)]
+    assert const[0] == pytest.approx(1 / 50) and const[24] == pytest.approx(0.5) and const[49:] == [1.0] * 251
+    cos = [train.lr_factor('cosine', s, steps, 50) for s in range(steps)]
+    assert cos[:49] == const[:49] and cos[50] == pytest.approx(1.0) and cos[-1] < 1e-3
+
+
 def test_unknown_lr_schedule_is_a_clean_error(unet_teacher, prompt_file, tmp_path):
     proc = run_script('train.py', *train_args(unet_teacher, prompt_file, tmp_path / 'out', 1, '--lr-schedule', 'step'),
                       timeout=STEP_TIMEOUT)
