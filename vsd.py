@@ -10,8 +10,9 @@ One step, per batch of text states c (and the null prompt's c0):
                     grad = sigma_t^2 (eps_teacher^kappa - eps_lora^kappa)
                     loss = 0.5 mse(x0, sg(x0 - grad))             -> the student only
   3. LoRA teacher:  denoising loss on sg(x0) at t ~ U{0..T-1}       -> the LoRA adapters only
-     (denoising_loss; the same function trains a teacher from scratch). train.py can repeat
-     this step K times per student step (--lora-updates), so the LoRA teacher keeps up.
+     (denoising_loss, on the network's own output, eps or v; the same function trains a teacher
+     from scratch), K times per student step, on fresh samples if asked, so it keeps up.
+pgsb_step runs the three; train.py and bench.py both call it.
 The frozen and LoRA teachers share one copy of the base weights: the frozen teacher is the LoRA
 teacher with its adapters switched off.
 """
