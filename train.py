@@ -45,7 +45,7 @@ class TrainConfig(vsd.VSDConfig):
     lora_alpha: float = option(128.0, 'LoRA scaling numerator: the update is scaled by alpha / rank')
     lora_targets: str = option('to_q,to_v', 'comma-separated names of the linear or convolution layers that get LoRA adapters')
     lr_schedule: str = option('constant', 'constant, or cosine: decay to zero after the warm-up')
-    warmup: int = option(0, "steps over which the student's learning rate rises linearly from 0")
+    warmup: int = option(0, "steps over which the student's learning rate rises linearly from 0 (0: none, or cosine's 2%)")
     weight_decay: float = option(0.0, 'AdamW weight decay')
     grad_clip: float = option(1.0, 'gradient norm clipping (0: off)')
     ema: float = option(0.0, 'EMA decay of the student weights (0: no EMA)')
@@ -346,8 +346,8 @@ def main(argv=None):
     while step < cfg.steps:
         t0 = time.time()
         # of the step alone: --resume needs no scheduler state; the warm-up is the student's
-        opts['student'].param_groups[0]['lr'] = cfg.lr_student * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup)
-        opts['lora'].param_groups[0]['lr'] = cfg.lr_lora * lr_factor(cfg.lr_schedule, step, cfg.steps, 0)
+        opts['student'].param_groups[0]['lr'] = cfg.lr_student * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup or None)
+        opts['lora'].param_groups[0]['lr'] = cfg.lr_lora * lr_factor(cfg.lr_schedule, step, cfg.steps)
         info, kappa = vsd.pgsb_step(student_ddp, teacher_ddp, pipe.schedule, opts, draw, null, cfg, generator,
                                     autocast, cfg.grad_clip, clip_term if clip_loss else None)
         if ema is not None:
