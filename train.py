@@ -91,10 +91,11 @@ def parse_args(argv=None):
         default = f'default: {f.default!r}'
         if f.name in PRESETS['shapes']:
             default += f"; the shapes preset's: {PRESETS['shapes'][f.name]!r}"
+        text = f"{f.metadata['help']} ({default})".replace('%', '%%')  # argparse formats help with %
         if f.type is bool or f.type == 'bool':
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"{f.metadata['help']} ({default})")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            p.add_argument(flag, type=type(f.default), default=None, help=f"{f.metadata['help']} ({default})")
+            p.add_argument(flag, type=type(f.default), default=None, help=text)
     args = p.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != 'preset'}}
     cfg = TrainConfig(**values)
