@@ -800,10 +800,7 @@ def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3,
             c = ctx[[prompts.index(p) for p in captions]].to(device)
             with autocast:
                 loss = vsd.denoising_loss(net, schedule, x0, (c, None), null, 0.0, loss="native", generator=generator)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
+            vsd.optimizer_step(opt, loss, grad_clip=1.0)
             if ema_net is not None:
                 lerp_ema(ema_net, net, ema, step)
             step += 1

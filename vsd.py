@@ -201,11 +201,12 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, loss='native', gene
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
 
 
-def optimizer_step(opt, loss, params, grad_clip):
+def optimizer_step(opt, loss, grad_clip):
+    """Back-propagate `loss` and step `opt`, its gradients clipped to norm `grad_clip` (0: off)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], grad_clip)
     opt.step()
 
 
@@ -225,7 +226,7 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
         if extra_loss is not None:
             term, info['clip'] = extra_loss(x0, prompts)
             loss = loss + term
-    optimizer_step(opts['student'], loss, [p for g in opts['student'].param_groups for p in g['params']], grad_clip)
+    optimizer_step(opts['student'], loss, grad_clip)
     for _ in range(cfg.lora_updates):
         if cfg.lora_fresh:
             z, cond, _ = draw()
@@ -233,7 +234,7 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
                 x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
         with autocast():
             lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
-        optimizer_step(opts['lora'], lora_loss, [p for g in opts['lora'].param_groups for p in g['params']], grad_clip)
+        optimizer_step(opts['lora'], lora_loss, grad_clip)
         info['lora'] = lora_loss.detach()
     return info, kappa
 
