@@ -101,6 +101,8 @@ def parse_args(argv=None):
     cfg = TrainConfig(**values)
     if cfg.random_kappa not in vsd.RANDOM_KAPPA:
         p.error(f"--random-kappa must be one of {sorted(vsd.RANDOM_KAPPA)}, got {cfg.random_kappa!r}")
+    if cfg.vsd_weight not in vsd.VSD_WEIGHTS:
+        p.error(f"--vsd-weight must be one of {vsd.VSD_WEIGHTS}, got {cfg.vsd_weight!r}")
     if cfg.lora_loss not in vsd.LORA_LOSSES:
         p.error(f"--lora-loss must be one of {vsd.LORA_LOSSES}, got {cfg.lora_loss!r}")
     if cfg.lr_schedule not in ('constant', 'cosine'):

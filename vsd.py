@@ -118,9 +118,11 @@ class VSDConfig:
     kappa_max: float = option(4.0, 'upper end of the random guidance scale')
     kappa_fixed: float = option(4.5, "SwiftBrush's fixed guidance scale, for a teacher whose kappa is not random")
     random_kappa: str = option('both', 'which teachers draw kappa at random: both (PG-SB), teacher, lora, none (Table 2)')
+    lora_kappa: float = option(0.0, "the LoRA teacher's guidance scale, overriding random_kappa for it when > 0; 1 is no guidance: the LoRA teacher then models the student's own conditional distribution, as DMD2's fake score does")
     t_min: int = option(20, 'VSD timesteps t ~ U{t_min..t_max}')
     t_max: int = option(980, 'upper end of the VSD timesteps')
     student_t: int = option(-1, "the student's start timestep; -1 is the schedule's last (T - 1)")
+    vsd_weight: str = option('swiftbrush', "the VSD gradient's weighting over t: swiftbrush (sigma_t^2 on the eps difference) or dmd (the x0 difference over the mean |x0 - teacher's x0|, DMD's normalisation)")
     null_prob: float = option(0.1, "share of prompts replaced by the null prompt in the LoRA teacher's loss")
     lora_loss: str = option('native', "the LoRA teacher's loss: native (mse on its own output, eps or v) or swiftbrush (alpha_t-weighted eps)")
     lora_updates: int = option(1, 'LoRA teacher updates per student step (two time-scale update rule)')
@@ -139,7 +141,8 @@ def draw_kappa(cfg: VSDConfig, B, device, generator=None):
     kappa = cfg.kappa_min + (cfg.kappa_max - cfg.kappa_min) * torch.rand(B, device=device, generator=generator)
     fixed = torch.full((B,), cfg.kappa_fixed, device=device)
     rt, rl = RANDOM_KAPPA[cfg.random_kappa]
-    return (kappa if rt else fixed), (kappa if rl else fixed)
+    lora = torch.full((B,), cfg.lora_kappa, device=device) if cfg.lora_kappa > 0 else kappa if rl else fixed
+    return (kappa if rt else fixed), lora
 
 
 def student_generate(student, schedule, z, context, mask=None, start_t=-1):
@@ -159,14 +162,24 @@ def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
     with torch.no_grad():
         with lora_disabled(teacher):
             eps_teacher = guided_eps(teacher, schedule, x_t, t, cond, null, kappa_teacher)
-        eps_lora = guided_eps(teacher, schedule, x_t, t, cond, null, kappa_lora)
-        _, sigma = schedule.alpha_sigma(t, x0.ndim)
-        grad = torch.nan_to_num(sigma.to(x0.dtype) ** 2 * (eps_teacher - eps_lora))
+        if cfg.lora_kappa == 1:  # unguided: the conditional half alone
+            eps_lora = denoise(teacher, schedule, x_t, t, *cond)[1]
+        else:
+            eps_lora = guided_eps(teacher, schedule, x_t, t, cond, null, kappa_lora)
+        alpha, sigma = (a.to(x0.dtype) for a in schedule.alpha_sigma(t, x0.ndim))
+        if cfg.vsd_weight == 'dmd':  # x0_lora - x0_teacher, over how far the teacher's x0 is from x0
+            x0_teacher = (x_t - sigma * eps_teacher) / alpha
+            norm = (x0.detach() - x0_teacher).abs().mean(dim=tuple(range(1, x0.ndim)), keepdim=True)
+            grad = sigma / alpha * (eps_teacher - eps_lora) / norm.clamp_min(1e-6)
+        else:
+            grad = sigma ** 2 * (eps_teacher - eps_lora)
+        grad = torch.nan_to_num(grad)
     target = (x0 - grad).detach()
     loss = 0.5 * F.mse_loss(x0.float(), target.float())
     return loss, kappa_teacher
 
 
+VSD_WEIGHTS = ('swiftbrush', 'dmd')
 LORA_LOSSES = ('native', 'swiftbrush')
 
 

@@ -167,6 +167,25 @@ def test_random_kappa_settings(setting):
         assert torch.equal(kt, kl)
 
 
+def test_lora_kappa_one_is_the_unguided_lora_teacher():
+    """lora_kappa = 1: the LoRA teacher's eps is its conditional prediction alone (one forward), the
+    frozen teacher keeps its random kappa; the loss equals the one from guided_eps at kappa 1."""
+    net = tiny('tiny_unet')
+    vsd.add_lora(net, rank=2, alpha=2)
+    for p in net.parameters():  # adapters that change the output, so the two teachers differ
+        p.data.add_(0.01 * torch.randn_like(p))
+    cond, null = texts('tiny_unet', B=4)
+    x0 = torch.randn(4, 4, 16, 16, requires_grad=True)
+    cfg = vsd.VSDConfig(lora_kappa=1.0)
+    kt, kl = vsd.draw_kappa(cfg, 4, 'cpu', torch.Generator().manual_seed(0))
+    assert torch.all(kl == 1.0) and kt.unique().numel() == 4
+    loss, _ = vsd.vsd_loss(net, schedule('sd'), x0, cond, null, cfg, torch.Generator().manual_seed(3))
+    slow = vsd.VSDConfig(lora_kappa=1.0 + 1e-9)  # the same scale through the guided path
+    ref, _ = vsd.vsd_loss(net, schedule('sd'), x0, cond, null, slow, torch.Generator().manual_seed(3))
+    assert loss.item() > 0
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize('setting', sorted(vsd.RANDOM_KAPPA))
 def test_vsd_loss_hands_each_teacher_its_kappa(setting, monkeypatch):
     """Inside vsd_loss: the frozen teacher (adapters off) and the LoRA teacher (adapters on) get the
@@ -327,12 +346,14 @@ def cfg_eps(net, x_t, t, c, u, kappa):
     return eps_u + kappa.view(-1, 1, 1, 1) * (eps_c - eps_u)
 
 
-def test_vsd_gradient_is_sigma_squared_teacher_minus_lora():
-    """d loss / d x0 = sigma_t^2 (eps_teacher - eps_lora) / numel: 0.5 mse(x0, sg(x0 - grad))."""
+@pytest.mark.parametrize('weight', vsd.VSD_WEIGHTS)
+def test_vsd_gradient_is_weighted_teacher_minus_lora(weight):
+    """d loss / d x0 = grad / numel, 0.5 mse(x0, sg(x0 - grad)), with grad = sigma_t^2 (eps_teacher -
+    eps_lora) (swiftbrush), or x0_lora - x0_teacher over mean |x0 - x0_teacher| per sample (dmd)."""
     _, teacher = student_and_teacher()
     perturb_lora(teacher)
     s = schedule('sd')
-    cfg = vsd.VSDConfig(kappa_min=0.5, kappa_max=4.0)
+    cfg = vsd.VSDConfig(kappa_min=0.5, kappa_max=4.0, vsd_weight=weight)
     (c, _), (u, _) = cond, null = texts('tiny_unet')
     x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
     loss, kappa = vsd.vsd_loss(teacher, s, x0, cond, null, cfg, torch.Generator().manual_seed(6))
@@ -350,6 +371,10 @@ def test_vsd_gradient_is_sigma_squared_teacher_minus_lora():
             eps_teacher = cfg_eps(teacher, x_t, t, c, u, k)
         eps_lora = cfg_eps(teacher, x_t, t, c, u, k)
     grad = (1 - ac) * (eps_teacher - eps_lora)
+    if weight == 'dmd':
+        x0_teacher = (x_t - (1 - ac).sqrt() * eps_teacher) / ac.sqrt()
+        x0_lora = (x_t - (1 - ac).sqrt() * eps_lora) / ac.sqrt()
+        grad = (x0_lora - x0_teacher) / (x0.detach() - x0_teacher).abs().mean(dim=(1, 2, 3), keepdim=True)
     assert grad.abs().max() > 1e-6
     expected = grad / x0.numel()
     # eps_teacher - eps_lora cancels: compare with a tolerance set by the gradient's own scale
