@@ -10,9 +10,11 @@ Evaluate a one-step student with the paper's measures, from weights on disk (not
   FD             Frechet distance between generated and reference images on the features of a
                  transformers CLIP or DINOv2 vision model (--fd-model, --fd-reference)
 
-  python evaluate.py --convert-hpsv2 HPS_v2_compressed.pt --hpsv2-base CLIP-ViT-H-14-laion2B-s32B-b79K --hpsv2 weights/hpsv2
-  python evaluate.py --checkpoint runs/sd21/student --prompt-file hpsv2_prompts/ --clip weights/clip-vit-large-patch14 \\
-      --hpsv2 weights/hpsv2 --fd-model weights/dinov2-base --fd-reference coco_val/ --pairs table7
+  python evaluate.py --convert-hpsv2 HPS_v2_compressed.pt --hpsv2-base CLIP-ViT-H-14-laion2B-s32B-b79K \\
+      --hpsv2 weights/hpsv2
+  python evaluate.py --checkpoint runs/sd21/student --prompt-file hpsv2_prompts/ \\
+      --clip weights/clip-vit-large-patch14 --hpsv2 weights/hpsv2 --pairs table7 \\
+      --fd-model weights/dinov2-large --fd-reference coco_val/
 
 Every image of a prompt is drawn from the noise of one seed of --seeds, the same noise for every
 prompt, so two checkpoints are compared on the same noise. Prints a table, then one JSON line.
@@ -342,9 +344,11 @@ def mean(values):
 
 
 def evaluate(generate, prompts=None, pairs=(), clip=None, hps=None, features=None, reference=None,
-             nasa_scale=0.3, negative=None):
-    """Every measure whose model is given. generate: a Generator; prompts: {category: [prompts]};
-    reference: an iterable of reference image batches for the Frechet distance."""
+             nasa_scale=0.3, negative=None, generate_pairs=None):
+    """Every measure whose model is given. generate: a Generator for the prompts, generate_pairs one
+    for the pairs (default: the same); prompts: {category: [prompts]}; reference: an iterable of
+    reference image batches for the Frechet distance."""
+    generate_pairs = generate_pairs or generate
     res = {}
     if prompts:
         images, cats = [], []
@@ -369,7 +373,8 @@ def evaluate(generate, prompts=None, pairs=(), clip=None, hps=None, features=Non
         for p in pairs:
             row = {'prompt': p.prompt, 'negative': p.negative}
             for tag, scale in (('without', 0.0), ('with', nasa_scale)):
-                im = generate([p.prompt], p.negative if scale else None, scale, name=f'pair-{p.negative}-{tag}')
+                neg = p.negative if scale else None
+                im = generate_pairs([p.prompt], neg, scale, name=f'pair-{p.negative}-{tag}')
                 row[f'clip_plus_{tag}'] = mean(clip_score(clip, im, [p.prompt] * len(im)))
                 row[f'clip_minus_{tag}'] = mean(clip_score(clip, im, [p.negative] * len(im)))
                 row[f'success_{tag}'] = success_rate(lambda x, t: zero_shot(clip, x, t), im, p)
@@ -480,6 +485,8 @@ def parse_args(argv=None):
                                         "{prompt, negative, classes} (default: %(default)s)")
     a('--seeds', default='0,1,2,3', help='comma-separated seeds: the images of every prompt, one per seed '
                                           '(default: %(default)s)')
+    a('--pair-images', type=int, default=100, help='images per pair and setting, from seeds 0 to N-1 (SNOOPI '
+                                                    'Table 7: 100) (default: %(default)s)')
     a('--clip', help='transformers CLIPModel folder for CLIP score, CLIP+/CLIP- and success (default: none)')
     a('--hpsv2', help='HPSv2 as a transformers CLIPModel folder (written by --convert-hpsv2) (default: none)')
     a('--convert-hpsv2', metavar='FILE', help='convert HPSv2\'s OpenCLIP checkpoint into the --hpsv2 folder, '
@@ -536,8 +543,12 @@ def run(args):
     scale = args.nasa_scale if args.nasa_scale is not None else nasa.default_alpha(pipe.denoiser)
     layers = args.nasa_layers.split(',') if args.nasa_layers else None
     generate = Generator(pipe, seeds, args.batch_size, args.height, args.width, args.keep_images, layers)
-    res = evaluate(generate, prompts, pairs, clip, hps, features, reference, scale, args.negative_prompt)
-    return {'checkpoint': args.checkpoint, 'seeds': seeds, 'nasa_scale': scale, **res}
+    generate_pairs = Generator(pipe, range(args.pair_images), args.batch_size, args.height, args.width,
+                               args.keep_images, layers)
+    res = evaluate(generate, prompts, pairs, clip, hps, features, reference, scale, args.negative_prompt,
+                   generate_pairs)
+    return {'checkpoint': args.checkpoint, 'seeds': seeds, 'pair_images': args.pair_images, 'nasa_scale': scale,
+            **res}
 
 
 def main(argv=None):

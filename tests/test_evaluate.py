@@ -230,6 +230,7 @@ def test_cli_end_to_end(tmp_path, tiny_clip):
         Image.fromarray(im).save(ref / f'{i}.png')
     proc = run_script('evaluate.py', '--clip', tiny_clip, '--fd-model', tiny_clip, '--fd-reference', ref,
                       '--prompt-file', tmp_path / 'p.txt', '--pairs', 'shapes', '--seeds', '0,1,2',
+                      '--pair-images', '4',
                       '--keep-images', tmp_path / 'kept', '--json', tmp_path / 'out.jsonl', timeout=300)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -239,6 +240,8 @@ def test_cli_end_to_end(tmp_path, tiny_clip):
     assert [r['negative'] for r in res['pairs']] == [n for _, n in shapes.NEGATIVE_PAIRS]
     for r in res['pairs']:
         assert 0 <= r['success_without'] <= 1 and 0 <= r['success_with'] <= 1
+        assert r['success_without'] * 4 % 1 == 0 and r['success_with'] * 4 % 1 == 0  # 4 images a pair
+    assert len(list((tmp_path / 'kept' / 'pair-red-with').glob('*.png'))) == 4
     assert len(list((tmp_path / 'kept' / 'prompts-circles').glob('*.png'))) == 6
     assert 'CLIP+ NASA' in proc.stdout and 'Frechet distance' in proc.stdout
 
