@@ -60,17 +60,21 @@ def latent_size(pipe, height, width):
 
 @torch.no_grad()
 def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=None, width=None,
-             steps=1, cfg=1.0, layers=None):
+             steps=1, cfg=1.0, layers=None, noise=None):
     """Images in [-1, 1], (len(prompts) * n, 3, H, W), prompt-major. One step (steps=1) runs the
     student from its start timestep, with NASA when a negative prompt and nasa_scale > 0 are given;
-    steps > 1 runs DDIM with classifier-free guidance, the negative prompt in the unconditional slot."""
+    steps > 1 runs DDIM with classifier-free guidance, the negative prompt in the unconditional slot.
+    noise: the starting latents (len(prompts) * n, C, h, w), drawn from seed when None."""
     net, schedule = pipe.denoiser, pipe.schedule
     device, dtype = next(net.parameters()).device, next(net.parameters()).dtype
     h, w = latent_size(pipe, height, width)
     prompts = [p for p in prompts for _ in range(n)]
     c, cm = pipe.text_encoder(prompts)
     g = torch.Generator(device).manual_seed(seed)
-    x = torch.randn(len(prompts), net.cfg.in_channels, h, w, device=device, generator=g, dtype=dtype)
+    if noise is None:
+        x = torch.randn(len(prompts), net.cfg.in_channels, h, w, device=device, generator=g, dtype=dtype)
+    else:
+        x = noise.to(device, dtype)
     c = c.to(dtype)
     if steps == 1:
         use_nasa = negative is not None and nasa_scale > 0

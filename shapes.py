@@ -601,6 +601,81 @@ def encode_prompts(tokenizer, text_encoder, prompts):
     return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 # -----------------------------------------------------------------------------
+# A small CLIP of the world, for evaluate.py's CLIP measures
+
+
+def clip_caption(rng, colour, shape):
+    """A true description of a scene, of one of five kinds: "a red circle", "a circle", "a red shape",
+    and the bare words "red" and "circle", which negative prompts use."""
+    kind = rng.integers(5)
+    return [f"a {colour} {shape}", f"a {shape}", f"a {colour} shape", colour, shape][kind]
+
+
+def train_clip(out="runs/shapes_clip", steps=800, batch_size=128, lr=2e-3, seed=0,
+               text_folder="checkpoints/shapes_text", pool=20000):
+    """Train a small transformers CLIPModel on the world's images and captions; writes it, with the
+    world's tokenizer, to `out`, and returns its zero-shot accuracy on 512 fresh real images (the
+    colour among six, the shape among three). A caption is true of every image it describes, so the
+    contrastive targets spread over all of them (CLIP's loss with several positives)."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel
+    tokenizer = AutoTokenizer.from_pretrained(Path(text_folder) / "tokenizer")
+    vocab = build_vocab()[0]
+    eos = vocab["<|endoftext|>"]
+    width = 64
+    text = dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=eos, pad_token_id=eos)
+    vision = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=IMAGE_SIZE, patch_size=8)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=width))
+    scenes = sample_scenes(pool, seed)
+    named_ids = {None: -1, **{c: i for i, c in enumerate(COLOURS)}, **{x: i for i, x in enumerate(SHAPES)}}
+    attrs = np.array([(named_ids[s.colour], named_ids[s.shape]) for s in scenes])  # (pool, 2)
+    images = torch.from_numpy(np.stack([render(s.shape, s.colour, s.size, s.cx, s.cy) for s in scenes]))
+    images = images.permute(0, 3, 1, 2).float() / 127.5 - 1                   # (pool, 3, 32, 32) in [-1, 1]
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073))[:, None, None]  # CLIP's, which evaluate.py applies
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711))[:, None, None]
+    pixels = ((images + 1) / 2 - mean) / std
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    model.train()
+    for step in range(steps):
+        for group in opt.param_groups:  # cosine decay
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = rng.integers(pool, size=batch_size)
+        captions = [clip_caption(rng, scenes[i].colour, scenes[i].shape) for i in idx]
+        named = np.array([[named_ids[w] for w in parse_prompt(c)] for c in captions])  # (B, 2), -1: unnamed
+        true = torch.from_numpy(((named[None, :, 0] < 0) | (named[None, :, 0] == attrs[idx, None, 0])) &
+                                ((named[None, :, 1] < 0) | (named[None, :, 1] == attrs[idx, None, 1])))
+        true = true.float()                                                   # [i, j]: caption j describes image i
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                        return_tensors="pt").input_ids
+        logits = model(input_ids=ids, pixel_values=pixels[idx]).logits_per_image  # (B images, B captions)
+        loss = (torch.sum(-true / true.sum(1, keepdim=True) * logits.log_softmax(1), 1).mean() +
+                torch.sum(-true / true.sum(0, keepdim=True) * logits.log_softmax(0), 0).mean()) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"step {step}: loss {loss.item():.4f}")
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    test = sample_scenes(512, seed + 1)
+    test_px = torch.from_numpy(np.stack([render(s.shape, s.colour, s.size, s.cx, s.cy) for s in test]))
+    test_px = ((test_px.permute(0, 3, 1, 2).float() / 255) - mean) / std
+    acc = {}
+    with torch.no_grad():
+        for name, names, truth in (("colour", list(COLOURS), [s.colour for s in test]),
+                                   ("shape", list(SHAPES), [s.shape for s in test])):
+            ids = tokenizer(names, padding="max_length", max_length=tokenizer.model_max_length,
+                            return_tensors="pt").input_ids
+            got = model(input_ids=ids, pixel_values=test_px).logits_per_image.argmax(1)
+            acc[name] = float(np.mean([names[g] == t for g, t in zip(got.tolist(), truth)]))
+    return acc
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -850,6 +925,13 @@ def main(argv=None):
     tt.add_argument("--log-every", type=int, default=10, help="append the loss to log.jsonl every N steps")
     tt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     tt.add_argument("--device", default="", help="device ('': cuda if available, else cpu)")
+    tc = command("train-clip", "train a small CLIP of the world for evaluate.py --clip (one thread: minutes)")
+    tc.add_argument("--out", default="runs/shapes_clip", help="folder to write the CLIPModel and tokenizer to")
+    tc.add_argument("--steps", type=int, default=800, help="training steps")
+    tc.add_argument("--batch-size", type=int, default=128, help="images (and captions) per step")
+    tc.add_argument("--lr", type=float, default=2e-3, help="AdamW peak learning rate (cosine decay to 0)")
+    tc.add_argument("--seed", type=int, default=0, help="seed of the weights and the images")
+    tc.add_argument("--text-encoder", default="checkpoints/shapes_text", help="folder whose tokenizer/ is used")
     ev = command("evaluate", "score a teacher and a one-step student on the world's checks")
     ev.add_argument("--teacher", default="checkpoints/shapes_teacher", help="teacher checkpoint ('' to skip)")
     ev.add_argument("--student", default="checkpoints/shapes_student", help="one-step student checkpoint")
@@ -894,6 +976,10 @@ def main(argv=None):
                            nasa_scale=args.nasa_scale)
         print(format_report(results))
         _write_json(args.json, results)
+    elif args.command == "train-clip":
+        acc = train_clip(args.out, args.steps, args.batch_size, args.lr, args.seed, args.text_encoder)
+        print(f"wrote {args.out}; zero-shot accuracy on 512 real images: colour {acc['colour']:.3f}, "
+              f"shape {acc['shape']:.3f}")
     elif args.command == "train-teacher":
         try:
             folder = train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed,

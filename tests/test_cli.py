@@ -3,10 +3,9 @@ import re
 
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import run_script
 
-SCRIPTS = ['train.py', 'sample.py', 'convert.py', 'bench.py', 'shapes.py'] + \
-    (['evaluate.py'] if (ROOT / 'evaluate.py').is_file() else [])
+SCRIPTS = ['train.py', 'sample.py', 'convert.py', 'bench.py', 'shapes.py', 'evaluate.py']
 
 
 def shapes_commands():
