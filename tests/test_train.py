@@ -224,16 +224,16 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_failed_student_save_keeps_the_previous_student(tmp_path, monkeypatch, clip_text):
-    net = seeded(0, M.build, M.PRESETS['tiny_unet'])
+    net, vae = seeded(0, M.build, M.PRESETS['tiny_unet']), seeded(1, M.build, M.PRESETS['tiny_vae'])
     sched = M.NoiseSchedule(M.SCHEDULES['sd'])
-    M.save_checkpoint(tmp_path / 'student', net, M.PixelSpace(), sched, text_folder=clip_text, student_t=-1)
+    M.save_checkpoint(tmp_path / 'student', net, vae, sched, text_folder=clip_text, student_t=-1)
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1.0)
     monkeypatch.setattr(M, 'save_file', failing_save_file)
     with pytest.raises(OSError):
-        M.save_checkpoint(tmp_path / 'student', net, M.PixelSpace(), sched, text_folder=clip_text, student_t=-1)
+        M.save_checkpoint(tmp_path / 'student', net, vae, sched, text_folder=clip_text, student_t=-1)
     monkeypatch.undo()
     pipe = M.load_checkpoint(tmp_path / 'student', text=False)
     assert pipe.student_t == 999
