@@ -821,7 +821,7 @@ def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder} is a file: a checkpoint folder would replace it (pass another path)")
     finish_interrupted_save(folder)
-    tmp, old = folder.with_name(folder.name + '.tmp'), folder.with_name(folder.name + '.old')
+    tmp = folder.with_name(folder.name + '.tmp')
     tmp.mkdir(parents=True)
     save_module(denoiser, tmp / 'denoiser.safetensors')
     if isinstance(vae, VAE):
@@ -831,9 +831,16 @@ def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t
     if text_folder is not None:
         for sub in ('text_encoder', 'tokenizer'):
             shutil.copytree(Path(text_folder) / sub, tmp / sub)
+    swap_into_place(tmp, folder)
+
+
+def swap_into_place(tmp, folder):
+    """folder.tmp, written whole, becomes folder; the one it replaces moves aside to folder.old first.
+    A kill anywhere leaves what finish_interrupted_save completes or undoes."""
+    old = folder.with_name(folder.name + '.old')
     if folder.exists():
         folder.rename(old)
-    tmp.rename(folder)  # between the two renames, finish_interrupted_save completes the save
+    tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
