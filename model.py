@@ -633,6 +633,7 @@ class TextEncoder(nn.Module):
         model_type = json.loads((folder / 'text_encoder' / 'config.json').read_text()).get('model_type', '')
         self.is_t5 = model_type.startswith('t5')
         model_cls = transformers.T5EncoderModel if self.is_t5 else transformers.CLIPTextModel
+        transformers.utils.logging.disable_progress_bar()  # stderr stays for warnings and errors
         self.model = model_cls.from_pretrained(folder / 'text_encoder').requires_grad_(False).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder / 'tokenizer')
         self.max_length = 120 if self.is_t5 else self.tokenizer.model_max_length
