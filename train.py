@@ -252,7 +252,7 @@ def save_training_state(out, step, trained, opts, generator, keep):
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed here before
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / 'state.safetensors'), metadata=meta)
-    os.replace(tmp, root / f'step-{step:07d}')  # a crash before this line leaves the older ones intact
+    M.swap_into_place(tmp, root / f'step-{step:07d}')  # a crash before this leaves the older ones intact
     for old in sorted(root.glob('step-???????'))[:-keep]:
         shutil.rmtree(old)
 
@@ -350,12 +350,12 @@ def unlock(path):
 
 def tidy(out):
     """Leftovers of a killed training: a half-written checkpoint goes, a student save is completed or undone."""
-    for tmp in sorted((Path(out) / 'checkpoints').glob('step-???????.tmp')):
-        shutil.rmtree(tmp)
-        cli.warn('train.py', f"removed {tmp}, a checkpoint cut short by an interrupted training")
-    done = M.finish_interrupted_save(Path(out) / 'student')
-    if done:
-        cli.warn('train.py', done)
+    root = Path(out) / 'checkpoints'
+    steps = sorted({p.name[:len('step-0000000')] for p in root.glob('step-???????*')})
+    for folder in [root / name for name in steps] + [Path(out) / 'student']:
+        done = M.finish_interrupted_save(folder)
+        if done:
+            cli.warn('train.py', done)
 
 
 # -----------------------------------------------------------------------------
