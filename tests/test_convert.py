@@ -784,7 +784,8 @@ def test_wrong_architecture_and_shapes_and_config(tmp_path, clip_folder):
 
 def test_pixart_pth_needs_vae_and_preset_kind(tmp_path, tiny_pth):
     assert 'holds no VAE' in run(tiny_pth, tmp_path / 'out', '--no-text')
-    err = run(tiny_pth, tmp_path / 'out', '--no-text', '--vae', tmp_path, '--preset', 'sd15')
+    (tmp_path / 'vae').mkdir()  # OUT may not lie inside a folder it reads
+    err = run(tiny_pth, tmp_path / 'out', '--no-text', '--vae', tmp_path / 'vae', '--preset', 'sd15')
     assert '--preset sd15 is a UNetConfig' in err
 
 
