@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+import cli
 import convert
 import model as M
 import nasa
@@ -644,6 +645,7 @@ def figure4(opt):
 # -----------------------------------------------------------------------------
 
 
+@cli.script('bench.py')
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -663,7 +665,15 @@ def main(argv=None):
     a('--threads', type=int, help="torch CPU threads (default: torch's own setting, left as it is)")
     a('--json', metavar='OUT', help='also write the rows to this JSON file (default: none)')
     args = p.parse_args(argv)
-    device = torch.device(args.device)
+    device = cli.device('--device', args.device)
+    cli.number('--repeats', args.repeats, low=1)
+    cli.number('--threads', args.threads, low=1)
+    figures = {1: figure1, 2: figure2, 3: figure3, 4: figure4}
+    chosen = args.figures.split(',')
+    if not all(f.strip() in ('1', '2', '3', '4') for f in chosen):
+        raise cli.UserError(f"--figures {args.figures}: pass comma-separated figure numbers from 1 to 4")
+    if args.json:
+        cli.writable_file('--json', args.json)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dtype == 'auto':
@@ -679,9 +689,8 @@ def main(argv=None):
           f'repeats {args.repeats}{", quick" if args.quick else ""}{", ours compiled" if args.compile else ""}'
           f'{", ours channels-last" if args.channels_last else ""}')
     start = time.time()
-    figures = {1: figure1, 2: figure2, 3: figure3, 4: figure4}
     rows = []
-    for f in (int(x) for x in args.figures.split(',')):
+    for f in (int(x) for x in chosen):
         fig_rows = figures[f](opt)
         print(table(fig_rows), flush=True)
         rows += fig_rows

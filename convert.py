@@ -23,7 +23,6 @@ import json
 import pickle
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass, replace
@@ -33,6 +32,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+import cli
 import model
 
 DIFFUSERS_VERSION = '0.42.1'  # written into exported configs: the version they were checked against
@@ -41,12 +41,11 @@ DIFFUSERS_VERSION = '0.42.1'  # written into exported configs: the version they 
 # Errors, tensor files and key bookkeeping
 
 
-class ConversionError(ValueError):
+class ConversionError(cli.UserError):
     """A source we cannot convert. The message is one line that says why."""
 
 
-def one_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+one_line = cli.one_line
 
 
 def read_tensors(path):
@@ -59,8 +58,8 @@ def read_tensors(path):
     if path.suffix == '.safetensors':
         try:
             return load_file(str(path))
-        except Exception as e:
-            raise ConversionError(f"{path} is not a readable safetensors file (truncated?): {one_line(e)}") from None
+        except Exception:
+            raise ConversionError(f"{path} is not a readable safetensors file: it is {model.looks_like(path)}") from None
     try:
         with warnings.catch_warnings():  # e.g. about pickle protocols; our message says what matters
             warnings.simplefilter('ignore')
@@ -298,10 +297,23 @@ def schedule(d, what='scheduler/scheduler_config.json'):
     return s
 
 
-def diffusers_scheduler_config(s):
-    # DDIM with "trailing" spacing: its one step starts at t = T-1, where one-step students run.
-    return dict(SCHEDULE_FIXED, **asdict(s), _class_name='DDIMScheduler', clip_sample=False,
-                set_alpha_to_one=False, steps_offset=1, timestep_spacing='trailing')
+def diffusers_scheduler_config(s, student_t=None):
+    """A teacher gets DDIM with "trailing" spacing. A one-step student gets DDPM, whose last step
+    returns the network's x0 exactly: one step starts at T-1, or at the student's start timestep
+    when the pipeline is called with timesteps=[student_t]; diffusers ignores the _student_t we keep."""
+    if student_t is None:
+        return dict(SCHEDULE_FIXED, **asdict(s), _class_name='DDIMScheduler', clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, timestep_spacing='trailing')
+    return dict(SCHEDULE_FIXED, **asdict(s), _class_name='DDPMScheduler', clip_sample=False, thresholding=False,
+                variance_type='fixed_small', steps_offset=1, timestep_spacing='trailing', _student_t=student_t)
+
+
+def student_t(d, T, what='scheduler/scheduler_config.json'):
+    """The start timestep an exported one-step student carries, or None."""
+    t = d.get('_student_t')
+    if t is not None and not (isinstance(t, int) and 0 <= t < T):
+        raise ConversionError(f"{what}: _student_t={t!r} is not a timestep of the schedule (0 to {T - 1})")
+    return t
 
 
 # -----------------------------------------------------------------------------
@@ -316,6 +328,7 @@ class Parts:
     schedule: model.NoiseSchedule
     text_folder: Path = None           # a folder with text_encoder/ and tokenizer/
     null_caption: torch.Tensor = None  # PixArt's learned unconditional caption (120, 4096), if kept
+    student_t: int = None              # a one-step student's start timestep
 
 
 WEIGHT_FILES = [f'diffusion_pytorch_model{name}' for name in (
@@ -356,8 +369,10 @@ def diffusers_parts(folder):
         raise ConversionError(f"{folder} has no unet/ or transformer/ folder: there is no denoiser to convert")
     denoiser, null_caption = read_component(folder / sub, unet_config if sub == 'unet' else dit_config)
     vae = read_vae(folder) if (folder / 'vae').is_dir() else model.PixelSpace()
-    sched = schedule(read_json(folder / 'scheduler' / 'scheduler_config.json'))
-    return Parts(denoiser, vae, model.NoiseSchedule(sched), folder if has_text(folder) else None, null_caption)
+    d = read_json(folder / 'scheduler' / 'scheduler_config.json')
+    sched = schedule(d)
+    return Parts(denoiser, vae, model.NoiseSchedule(sched), folder if has_text(folder) else None, null_caption,
+                 student_t(d, sched.num_train_timesteps))
 
 
 def read_diffusers(folder, device='cpu', dtype=torch.float32, text=True):
@@ -365,7 +380,7 @@ def read_diffusers(folder, device='cpu', dtype=torch.float32, text=True):
     model without writing a checkpoint first."""
     p = diffusers_parts(folder)
     return model.Pipeline(p.denoiser.to(device, dtype), p.vae.to(device, dtype), p.schedule.to(device),
-                          model.TextEncoder(folder).to(device) if text else None)
+                          model.TextEncoder(folder).to(device) if text else None, p.student_t)
 
 
 def ours_parts(folder):
@@ -380,10 +395,10 @@ def ours_parts(folder):
             raise ConversionError(one_line(e)) from None
         return load_strict(cfg, read_tensors(folder / file), folder / file)
     vae = read('vae.safetensors') if (folder / 'vae.safetensors').is_file() else model.PixelSpace()
-    sched = model.Schedule(**read_json(folder / 'schedule.json'))
+    sched, start_t = model.read_schedule(folder)
     null = folder / 'null_caption.safetensors'
     return Parts(read('denoiser.safetensors'), vae, model.NoiseSchedule(sched), folder if has_text(folder) else None,
-                 read_tensors(null)['null_caption'] if null.is_file() else None)
+                 read_tensors(null)['null_caption'] if null.is_file() else None, start_t)
 
 
 # -----------------------------------------------------------------------------
@@ -688,7 +703,8 @@ def pixart_pth_parts(sd, path, args, stage):
 
 
 def write_ours(out, parts, dtype):
-    model.save_checkpoint(out, parts.denoiser.to(dtype), parts.vae.to(dtype), parts.schedule, parts.text_folder)
+    model.save_checkpoint(out, parts.denoiser.to(dtype), parts.vae.to(dtype), parts.schedule, parts.text_folder,
+                          parts.student_t)
     if parts.null_caption is not None:
         null = {'null_caption': parts.null_caption.to(dtype).contiguous()}  # (120, caption_channels)
         save_file(null, str(Path(out) / 'null_caption.safetensors'))
@@ -705,15 +721,15 @@ def write_diffusers(out, parts, dtype):
     """A diffusers pipeline folder: StableDiffusionPipeline for a UNet, PixArtAlphaPipeline for a DiT.
     Pixel-space models have no vae/. (PixArt's null caption has no place in diffusers' format.)"""
     out = Path(out)
+    model.finish_interrupted_save(out)
     tmp = out.with_name(out.name + '.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
     unet = isinstance(parts.denoiser, model.UNet)
     sub = 'unet' if unet else 'transformer'
     config = (diffusers_unet_config if unet else diffusers_dit_config)(parts.denoiser.cfg)
     write_component(tmp / sub, config, parts.denoiser, dtype)
     index = {'_class_name': 'StableDiffusionPipeline' if unet else 'PixArtAlphaPipeline',
              '_diffusers_version': DIFFUSERS_VERSION, sub: ['diffusers', config['_class_name']],
-             'vae': [None, None], 'scheduler': ['diffusers', 'DDIMScheduler'],
+             'vae': [None, None], 'scheduler': ['diffusers', 'DDIMScheduler' if parts.student_t is None else 'DDPMScheduler'],
              'text_encoder': [None, None], 'tokenizer': [None, None]}
     if unet:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
@@ -722,7 +738,8 @@ def write_diffusers(out, parts, dtype):
         write_component(tmp / 'vae', diffusers_vae_config(parts.vae.cfg), parts.vae, dtype)
         index['vae'] = ['diffusers', 'AutoencoderKL']
     (tmp / 'scheduler').mkdir()
-    scheduler = {**diffusers_scheduler_config(parts.schedule.config), '_diffusers_version': DIFFUSERS_VERSION}
+    scheduler = {**diffusers_scheduler_config(parts.schedule.config, parts.student_t),
+                 '_diffusers_version': DIFFUSERS_VERSION}
     (tmp / 'scheduler' / 'scheduler_config.json').write_text(json.dumps(scheduler, indent=2))
     if parts.text_folder is not None:
         for part in ('text_encoder', 'tokenizer'):
@@ -734,8 +751,7 @@ def write_diffusers(out, parts, dtype):
         index['tokenizer'] = ['transformers', (read_json(tok) if tok.is_file() else {}).get('tokenizer_class')
                               or ('T5Tokenizer' if t5 else 'CLIPTokenizer')]
     (tmp / 'model_index.json').write_text(json.dumps(index, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    model.swap_into_place(tmp, out)
 
 
 # -----------------------------------------------------------------------------
@@ -780,6 +796,8 @@ def convert(args):
     src, out = Path(args.src), Path(args.out)
     if not src.exists():
         raise ConversionError(f"{src} does not exist")
+    cli.not_an_input('OUT', out, [('SRC', src), ('--vae', args.vae), ('--text-encoder', args.text_encoder)])
+    cli.replaceable_folder('OUT', out)  # before the slow reads
     with tempfile.TemporaryDirectory() as stage:
         parts = read_source(src, args, Path(stage))
         if args.prediction_type:
@@ -803,7 +821,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument('src', help="what to convert: a diffusers folder, an SD single file, a PixArt .pth, or our "
                                "checkpoint folder")
-    p.add_argument('out', help="the folder to write (replaced whole if it exists)")
+    p.add_argument('out', help="the folder to write; an existing one is replaced only if this project wrote it "
+                               "(a checkpoint or diffusers folder) or it is empty")
     p.add_argument('--from', dest='from_', choices=['diffusers', 'sd-single-file', 'pixart-pth', 'ours'],
                    default=None, help="the source's format; None: detected from its layout")
     p.add_argument('--to', choices=['ours', 'diffusers'], default='ours',
@@ -826,12 +845,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@cli.script('convert.py')
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        convert(args)
-    except ConversionError as e:
-        sys.exit(f"convert.py: error: {e}")
+    convert(parse_args(argv))
 
 
 if __name__ == '__main__':

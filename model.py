@@ -10,6 +10,7 @@ there, and nothing else in this file knows about guidance, distillation or negat
 """
 import json
 import math
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
+
+from cli import UserError, one_line
 
 # -----------------------------------------------------------------------------
 # Attention, shared by every self- and cross-attention in the UNet, the DiT and the VAE
@@ -630,6 +633,7 @@ class TextEncoder(nn.Module):
         model_type = json.loads((folder / 'text_encoder' / 'config.json').read_text()).get('model_type', '')
         self.is_t5 = model_type.startswith('t5')
         model_cls = transformers.T5EncoderModel if self.is_t5 else transformers.CLIPTextModel
+        transformers.utils.logging.disable_progress_bar()  # stderr stays for warnings and errors
         self.model = model_cls.from_pretrained(folder / 'text_encoder').requires_grad_(False).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder / 'tokenizer')
         self.max_length = 120 if self.is_t5 else self.tokenizer.model_max_length
@@ -637,6 +641,11 @@ class TextEncoder(nn.Module):
     @property
     def dim(self):
         return self.model.config.hidden_size if not self.is_t5 else self.model.config.d_model
+
+    def too_long(self, prompts):
+        """[(prompt, its token count)] of the prompts the tokenizer cuts at max_length."""
+        ids = self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids
+        return [(p, len(i)) for p, i in zip(prompts, ids) if len(i) > self.max_length]
 
     @torch.no_grad()
     def forward(self, prompts):
@@ -689,22 +698,86 @@ def save_module(module, path):
     save_file(state, str(path), metadata={'arch': arch, 'config': json.dumps(asdict(module.cfg))})
 
 
-def config_from_metadata(path):
+class CheckpointError(UserError):
+    """A checkpoint file or folder that cannot be used; the message names it and what it looked like."""
+
+
+def looks_like(path):
+    """What a file that is not a readable safetensors file looks like, in a few words."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+        head = f.read(64)
+    if size == 0:
+        return 'an empty file'
+    if head.startswith(b'version https://git-lfs'):
+        return 'a Git LFS pointer, not the weights (run git lfs pull)'
+    if head[:2] == b'PK' or head[:1] == b'\x80':
+        return 'a torch pickle (convert it with convert.py)'
+    n = int.from_bytes(head[:8], 'little') if len(head) >= 8 else 0
+    if head[8:9] != b'{':
+        kind = 'text' if head.isascii() else 'binary data'
+        return f"{size} bytes of {kind} starting {head[:16]!r}, not safetensors"
+    if 8 + n > size:
+        return f"a truncated safetensors file ({size} bytes; its header alone needs {8 + n})"
+    try:
+        with open(path, 'rb') as f:
+            f.seek(8)
+            header = json.loads(f.read(n))
+        end = 8 + n + max((v['data_offsets'][1] for k, v in header.items() if k != '__metadata__'), default=0)
+    except (ValueError, KeyError, TypeError):
+        return f"a safetensors file whose header is damaged ({size} bytes)"
+    if end > size:
+        return f"a truncated safetensors file ({size} of its {end} bytes)"
+    return f"a damaged safetensors file ({size} bytes)"
+
+
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file, or a CheckpointError naming what the file looked like."""
     from safetensors import safe_open
-    with safe_open(str(path), 'pt') as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), 'pt') as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except Exception:  # safetensors raises its own error types, and OSError for a missing file
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path} is missing (the checkpoint folder is incomplete: write it again)") from None
+        raise CheckpointError(f"{path} cannot be read: it is {looks_like(path)} (write it again, or use another "
+                              "checkpoint)") from None
+
+
+def check_finite(tensors, path):
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinity ({', '.join(bad[:2])}"
+                              f"{', ...' if len(bad) > 2 else ''}): the weights are damaged, perhaps by a diverged "
+                              "training (use an earlier checkpoint)")
+
+
+def config_from_metadata(path, meta=None):
+    if meta is None:
+        meta = read_safetensors(path)[1]
     kinds = {arch: cfg_cls for cfg_cls, (_, arch) in ARCHS.items()}
     if meta.get('arch') not in kinds:
-        raise ValueError(f"{path} carries no network config in its metadata: was it written by convert.py or train.py?")
+        raise CheckpointError(f"{path} carries no network config in its metadata: was it written by convert.py or "
+                              "train.py? (convert a downloaded model with convert.py)")
     cfg = json.loads(meta['config'])
     return kinds[meta['arch']](**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
 
 
 def load_module(path, device='cpu', dtype=torch.float32):
-    """A network saved by save_module, loaded strictly."""
+    """A network saved by save_module, loaded strictly; its weights must be finite."""
+    state, meta = read_safetensors(path)
+    cfg = config_from_metadata(path, meta)
+    check_finite(state, path)
     with torch.device('meta'):  # no random init of weights about to be overwritten
-        module = build(config_from_metadata(path))
-    module.load_state_dict(load_file(str(path)), strict=True, assign=True)
+        module = build(cfg)
+    try:
+        module.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not match the {type(cfg).__name__} in its own metadata: "
+                              f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e} "
+                              "(write it again with convert.py)") from None
     return module.to(device=device, dtype=dtype)
 
 
@@ -719,15 +792,37 @@ class Pipeline:
     student_t: int = None  # a one-step student's start timestep; None for a multi-step model
 
 
+def finish_interrupted_save(folder):
+    """Completes or undoes a save_checkpoint that was killed. The new folder (.tmp) is whole once the
+    old one has moved aside (.old), so with both and no folder the save is completed; a .tmp alone is
+    a partial write and goes; an .old beside a whole folder is what was left to delete.
+    Returns what it did, in words, or None."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + '.tmp'), folder.with_name(folder.name + '.old')
+    done = None
+    if not folder.exists() and tmp.is_dir() and old.is_dir():
+        tmp.rename(folder)
+        done = f"completed the interrupted save of {folder}"
+    elif not folder.exists() and old.is_dir():
+        old.rename(folder)
+        done = f"restored {folder} from {old.name}, left by an interrupted save"
+    for leftover in (tmp, old):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+            done = done or f"removed {leftover.name}, left by an interrupted save of {folder}"
+    return done
+
+
 def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t=None):
     """The project's checkpoint folder: denoiser.safetensors, vae.safetensors (none in pixel space),
     schedule.json, text_encoder/ + tokenizer/ copied from text_folder (transformers' layout) and, for
     a one-step student, the timestep it starts from (in schedule.json).
     Written beside the target and renamed into place, so a failed save leaves the old one whole."""
-    import shutil
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file: a checkpoint folder would replace it (pass another path)")
+    finish_interrupted_save(folder)
     tmp = folder.with_name(folder.name + '.tmp')
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_module(denoiser, tmp / 'denoiser.safetensors')
     if isinstance(vae, VAE):
@@ -737,24 +832,75 @@ def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t
     if text_folder is not None:
         for sub in ('text_encoder', 'tokenizer'):
             shutil.copytree(Path(text_folder) / sub, tmp / sub)
+    swap_into_place(tmp, folder)
+
+
+def swap_into_place(tmp, folder):
+    """folder.tmp, written whole, becomes folder; the one it replaces moves aside to folder.old first.
+    A kill anywhere leaves what finish_interrupted_save completes or undoes."""
     old = folder.with_name(folder.name + '.old')
-    shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def read_schedule(folder):
+    """(Schedule, student_t or None) from a checkpoint folder's schedule.json."""
+    path = Path(folder) / 'schedule.json'
+    try:
+        sched = json.loads(path.read_text())
+        student_t = sched.pop('student_t', None)
+        schedule = Schedule(**sched)
+        NoiseSchedule(schedule)  # its fields are checked here
+    except FileNotFoundError:
+        raise CheckpointError(f"{folder} has no schedule.json (the checkpoint folder is incomplete: write it "
+                              "again with convert.py)") from None
+    except (ValueError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path} is not a schedule this project reads: {str(e).splitlines()[0]} (write it "
+                              "again with convert.py)") from None
+    if student_t is not None and not (isinstance(student_t, int) and 0 <= student_t < schedule.num_train_timesteps):
+        raise CheckpointError(f"{path}: student_t={student_t!r} is not a timestep of the schedule (0 to "
+                              f"{schedule.num_train_timesteps - 1}; write it again with convert.py)")
+    return schedule, student_t
+
+
+def check_parts(folder, denoiser, vae, text_dim=None):
+    """The denoiser fits the VAE's latents and the text encoder's width (a file from another model
+    would fail deep inside a matmul otherwise)."""
+    cfg = denoiser.cfg
+    latent = vae.cfg.latent_channels if isinstance(vae, VAE) else 3
+    what = 'vae.safetensors' if isinstance(vae, VAE) else 'pixel space (no vae.safetensors)'
+    if cfg.in_channels != latent:
+        raise CheckpointError(f"{folder}: denoiser.safetensors takes {cfg.in_channels} channels but {what} has "
+                              f"{latent}: the two come from different models (convert the model again)")
+    width = cfg.context_dim if isinstance(cfg, UNetConfig) else cfg.caption_channels
+    if text_dim is not None and width != text_dim:
+        raise CheckpointError(f"{folder}: denoiser.safetensors reads {width}-wide text embeddings but text_encoder/ "
+                              f"gives {text_dim}: the two come from different models (convert the model again)")
+
+
 def load_checkpoint(folder, device='cpu', dtype=torch.float32, text=True):
     """A folder written by save_checkpoint (convert.py and train.py write them)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {folder} not found: pass a folder written by convert.py or train.py")
     if not (folder / 'denoiser.safetensors').is_file():
-        raise FileNotFoundError(f"{folder} is not a checkpoint folder (no denoiser.safetensors): "
-                                "convert a downloaded model with `python convert.py SRC OUT` first")
+        raise CheckpointError(f"{folder} is not a checkpoint folder (no denoiser.safetensors): "
+                              "convert a downloaded model with `python convert.py SRC OUT` first")
+    schedule, student_t = read_schedule(folder)
     denoiser = load_module(folder / 'denoiser.safetensors', device, dtype).eval()
     vae_path = folder / 'vae.safetensors'
     vae = load_module(vae_path, device, dtype).eval() if vae_path.is_file() else PixelSpace()
-    sched = json.loads((folder / 'schedule.json').read_text())
-    student_t = sched.pop('student_t', None)
-    text_encoder = TextEncoder(folder).to(device) if text else None
-    return Pipeline(denoiser, vae, NoiseSchedule(Schedule(**sched)).to(device), text_encoder, student_t)
+    check_parts(folder, denoiser, vae)
+    text_encoder = None
+    if text:
+        try:
+            text_encoder = TextEncoder(folder).to(device)
+        except (OSError, ValueError) as e:  # FileNotFoundError, transformers' errors on a broken folder
+            if isinstance(e, FileNotFoundError):
+                raise CheckpointError(one_line(e)) from None
+            raise CheckpointError(f"{folder}: its text encoder cannot be loaded: {one_line(e)} (copy text_encoder/ "
+                                  "and tokenizer/ again from the model it came with)") from None
+        check_parts(folder, denoiser, vae, text_encoder.dim)
+    return Pipeline(denoiser, vae, NoiseSchedule(schedule).to(device), text_encoder, student_t)

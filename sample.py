@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import model as M
 import nasa
 import vsd
@@ -22,7 +23,7 @@ import vsd
 DEMO = [('a circle', 'red'), ('a square', 'blue'), ('a red shape', 'circle'), ('a blue shape', 'square')]
 
 
-class SampleError(ValueError):
+class SampleError(cli.UserError):
     pass
 
 
@@ -36,8 +37,8 @@ def load(checkpoint, device='cpu', dtype=torch.float32):
             import convert
             return convert.read_diffusers(path, device, dtype)  # a model.Pipeline, converted in memory
         return M.load_checkpoint(path, device, dtype)
-    except (FileNotFoundError, ValueError) as e:  # convert.ConversionError is a ValueError
-        raise SampleError(str(e)) from None
+    except (FileNotFoundError, ValueError) as e:  # convert.ConversionError and M.CheckpointError are ValueErrors
+        raise SampleError(cli.one_line(e)) from None
 
 
 def latent_size(pipe, height, width):
@@ -134,6 +135,7 @@ def save_images(images, folder):
         Image.fromarray(im).save(Path(folder) / f'{i:05d}.png')
 
 
+@cli.script('sample.py')
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -152,28 +154,65 @@ def main(argv=None):
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device (default: %(default)s)')
     a('--dtype', default='float32', choices=['float32', 'bfloat16', 'float16'], help='weights dtype (default: %(default)s)')
     a('--out', default='samples.png', help='FILE.png writes a grid; DIR/ writes one PNG per image (default: %(default)s)')
-    args = p.parse_args(argv)
+    run(p.parse_args(argv))
+
+
+def check_args(args):
+    """Everything that can be checked before the model loads."""
+    cli.number('--steps', args.steps, low=1, fix='1 runs a one-step student; more run DDIM on a teacher')
+    cli.number('--n', args.n, low=1)
+    cli.number('--seed', args.seed, low=0, high=2 ** 63 - 1)
+    cli.number('--height', args.height, low=1)
+    cli.number('--width', args.width, low=1)
+    cli.number('--cfg', args.cfg)
+    cli.number('--nasa-scale', args.nasa_scale, low=0, fix='it weights the subtracted negative attention')
+    if args.steps == 1 and args.cfg != 1.0:
+        raise SampleError(f"--cfg {args.cfg} applies to DDIM with --steps > 1; a one-step student runs without "
+                          "guidance (drop --cfg, or pass --steps N for a teacher)")
+    if args.nasa_scale is not None and args.steps > 1:
+        raise SampleError("--nasa-scale applies to one-step sampling; with --steps > 1 the negative prompt goes into "
+                          "CFG (drop --nasa-scale)")
+    given = args.prompt or args.prompt_file
+    if given and args.negative_prompt is None and (args.nasa_layers or args.nasa_scale is not None):
+        flag = '--nasa-layers' if args.nasa_layers else '--nasa-scale'
+        raise SampleError(f"{flag} needs a negative prompt: NASA subtracts its attention (pass --negative-prompt)")
+    if args.nasa_layers and args.steps > 1:
+        raise SampleError("--nasa-layers applies to one-step sampling (drop it, or pass --steps 1)")
+    cli.device('--device', args.device)
+    inputs = [('the checkpoint', args.checkpoint), ('the prompt file', args.prompt_file)]
+    if args.out.endswith('/') or Path(args.out).is_dir():
+        cli.not_an_input('--out', args.out, inputs)
+        cli.writable_folder('--out', args.out)
+    else:
+        from PIL import Image
+        if Path(args.out).suffix.lower() not in Image.registered_extensions():
+            raise SampleError(f"--out {args.out}: {Path(args.out).suffix or 'no extension'} is not an image format "
+                              "Pillow writes (end it with .png for a grid, or with / for a folder of PNGs)")
+        cli.not_an_input('--out', args.out, inputs)
+        cli.writable_file('--out', args.out)
+
+
+def read_prompt_file(path):
     try:
-        run(args)
-    except SampleError as e:
-        sys.exit(f"sample.py: error: {e}")
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise SampleError(f"prompt file {path} not found") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise SampleError(f"prompt file {path} is not a text file (pass a UTF-8 file, one prompt per line)") from None
+    prompts = [l.strip() for l in text.splitlines() if l.strip()]
+    if not prompts:
+        raise SampleError(f"prompt file {path} holds no prompts (one per line)")
+    return prompts
 
 
 def run(args):
-    if args.steps < 1:
-        raise SampleError(f"--steps must be at least 1, got {args.steps}")
-    if args.nasa_scale is not None and args.nasa_scale < 0:
-        raise SampleError(f"--nasa-scale must be >= 0 (it weights the subtracted negative attention), got {args.nasa_scale}")
-    if args.nasa_scale is not None and args.steps > 1:
-        raise SampleError("--nasa-scale applies to one-step sampling; with --steps > 1 the negative prompt goes into CFG")
-    prompts = list(args.prompt or [])
-    if args.prompt_file:
-        if not Path(args.prompt_file).is_file():
-            raise SampleError(f"prompt file {args.prompt_file} not found")
-        prompts += [l.strip() for l in Path(args.prompt_file).read_text().splitlines() if l.strip()]
-        if not prompts:
-            raise SampleError(f"prompt file {args.prompt_file} holds no prompts (one per line)")
+    check_args(args)
+    prompts = list(args.prompt or []) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     pipe = load(args.checkpoint, args.device, getattr(torch, args.dtype))
+    latent_size(pipe, args.height, args.width)  # a size the network cannot take fails before any work
+    for prompt, n in pipe.text_encoder.too_long(prompts + [args.negative_prompt or '']):
+        cli.warn('sample.py', f"the prompt '{prompt[:40]}...' is {n} tokens; the text encoder reads only the first "
+                              f"{pipe.text_encoder.max_length}")
     scale = args.nasa_scale if args.nasa_scale is not None else nasa.default_alpha(pipe.denoiser)
     layers = args.nasa_layers.split(',') if args.nasa_layers else None
     common = dict(n=args.n, seed=args.seed, height=args.height, width=args.width, steps=args.steps, cfg=args.cfg)

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import cli
 import nasa
 
 IMAGE_SIZE = 32
@@ -725,8 +726,8 @@ def run_students(run, last=False):
     for folder in (run / "student", run):
         if (folder / "denoiser.safetensors").is_file():
             return [(None, folder)]
-    raise FileNotFoundError(f"{run} holds no checkpoints/step-N, no student/ and no denoiser.safetensors: "
-                            "pass a train.py output folder or a checkpoint folder")
+    raise cli.UserError(f"{run} holds no checkpoints/step-N, no student/ and no denoiser.safetensors: "
+                        "pass a train.py output folder or a checkpoint folder")
 
 
 def student_pipe(skeleton, run, folder):
@@ -859,7 +860,7 @@ def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3,
         ema_net.load_state_dict(net.state_dict())
         trained["ema"] = ema_net
     generator = torch.Generator(device).manual_seed(seed * 1000)
-    step = load_training_state(out, trained, {"student": opt}, generator) if resume else 0
+    step = load_training_state(out, trained, {"student": opt}, generator, "shapes.py") if resume else 0
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     bar = tqdm(total=steps, initial=step, desc="teacher")
     with open(out / "log.jsonl", "a") as log:
@@ -894,6 +895,7 @@ def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3,
 # Command line
 
 
+@cli.script("shapes.py")
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -960,12 +962,10 @@ def main(argv=None):
     cur.add_argument("--seed", type=int, default=0, help="seed of the evaluation (as in evaluate)")
     cur.add_argument("--json", default="", help="also write the curves to this JSON file")
     args = parser.parse_args(argv)
+    check_args(args)
     if args.command == "curve":
-        try:
-            curves = training_curves(args.teacher, args.runs, args.n, args.seed, args.teacher_steps,
-                                     args.teacher_cfg, args.last)
-        except FileNotFoundError as e:
-            parser.exit(2, f"shapes.py curve: error: {e}\n")
+        curves = training_curves(args.teacher, args.runs, args.n, args.seed, args.teacher_steps,
+                                 args.teacher_cfg, args.last)
         print(format_curves(curves))
         _write_json(args.json, curves)
     elif args.command == "evaluate":
@@ -981,12 +981,9 @@ def main(argv=None):
         print(f"wrote {args.out}; zero-shot accuracy on 512 real images: colour {acc['colour']:.3f}, "
               f"shape {acc['shape']:.3f}")
     elif args.command == "train-teacher":
-        try:
-            folder = train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed,
-                                   args.text_encoder, args.prediction_type, args.save_every, args.log_every,
-                                   args.resume, args.device)
-        except FileNotFoundError as e:  # no text encoder folder
-            parser.exit(2, f"shapes.py train-teacher: error: {e}\n")
+        folder = train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed,
+                               args.text_encoder, args.prediction_type, args.save_every, args.log_every,
+                               args.resume, args.device)
         print(f"wrote {folder}")
     elif args.command == "prompts":
         write_prompts(args.out)
@@ -998,6 +995,61 @@ def main(argv=None):
         images, captions = sample_world(64, args.seed)
         save_grid(images, args.out)
         print(f"wrote {args.out}; captions, row by row:\n" + " | ".join(captions))
+
+
+def check_args(args):
+    """Numbers, devices and the paths to read and write, before any sampling or training."""
+    cli.number("--seed", getattr(args, "seed", None), low=0, high=2 ** 31 - 1)
+    if args.command in ("evaluate", "curve"):
+        cli.number("--n", args.n, low=len(all_prompts()),
+                   fix=f"each of the {len(all_prompts())} colour-and-shape prompts needs an image")
+        cli.number("--teacher-steps", args.teacher_steps, low=1)
+        cli.number("--teacher-cfg", args.teacher_cfg)
+        reads = [("the teacher", args.teacher)] + ([("the student", args.student)] if args.command == "evaluate"
+                                                   else [("a run", r) for r in args.runs])
+        for what, path in reads:
+            if path and not Path(path).exists():
+                raise cli.UserError(f"{what} {path} not found (pass a checkpoint folder"
+                                    f"{' or a train.py output folder' if what == 'a run' else ''})")
+        if args.json:
+            cli.not_an_input("--json", args.json, reads)
+            cli.writable_file("--json", args.json)
+    if args.command == "evaluate":
+        cli.number("--nasa-scale", args.nasa_scale, low=0)
+    if args.command == "curve":
+        for run in args.runs:
+            run_students(run, args.last)
+    if args.command == "train-teacher":
+        for flag, value, rule in [("--steps", args.steps, dict(low=1)), ("--batch-size", args.batch_size, dict(low=1)),
+                                  ("--lr", args.lr, dict(low=0, low_open=True)),
+                                  ("--ema", args.ema, dict(low=0, high=1, high_open=True)),
+                                  ("--save-every", args.save_every, dict(low=1)),
+                                  ("--log-every", args.log_every, dict(low=1))]:
+            cli.number(flag, value, **rule)
+        if args.device:
+            cli.device("--device", args.device)
+        if not (Path(args.text_encoder) / "text_encoder").is_dir():
+            raise cli.UserError(f"--text-encoder {args.text_encoder} has no text_encoder/ folder (write one with "
+                                "`python shapes.py make-text-encoder DIR`)")
+        cli.not_an_input("--out", args.out, [("the text encoder", args.text_encoder)])
+        cli.writable_folder("--out", args.out)
+        has = any(Path(args.out, "checkpoints").glob("step-???????"))
+        if args.resume and not has:
+            raise cli.UserError(f"--resume: {args.out}/checkpoints holds no checkpoint (drop --resume to start at step 0)")
+        if has and not args.resume:
+            raise cli.UserError(f"--out {args.out} already holds a training's checkpoints (pass --resume, or another --out)")
+    if args.command == "make-text-encoder":
+        cli.number("--hidden-size", args.hidden_size, low=4, fix="a multiple of the text encoder's 4 heads")
+        if args.hidden_size % 4:
+            raise cli.UserError(f"--hidden-size {args.hidden_size} must be a multiple of the text encoder's 4 heads")
+        cli.writable_folder("OUT", args.out)
+    if args.command == "show":
+        from PIL import Image
+        if Path(args.out).suffix.lower() not in Image.registered_extensions():
+            raise cli.UserError(f"OUT {args.out} does not end in an image format Pillow writes (end it with .png)")
+        cli.writable_file("OUT", args.out)
+    if args.command == "prompts":
+        cli.writable_file("OUT", args.out)
 
 
 def _write_json(path, results):

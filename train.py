@@ -15,7 +15,7 @@ import json
 import math
 import os
 import shutil
-import sys
+import socket
 import time
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import cli
 import model as M
 import vsd
 from vsd import option
@@ -99,15 +100,40 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     values = {**PRESETS[args.preset], **{k: v for k, v in vars(args).items() if v is not None and k != 'preset'}}
     cfg = TrainConfig(**values)
-    if cfg.random_kappa not in vsd.RANDOM_KAPPA:
-        p.error(f"--random-kappa must be one of {sorted(vsd.RANDOM_KAPPA)}, got {cfg.random_kappa!r}")
-    if cfg.vsd_weight not in vsd.VSD_WEIGHTS:
-        p.error(f"--vsd-weight must be one of {vsd.VSD_WEIGHTS}, got {cfg.vsd_weight!r}")
-    if cfg.lora_loss not in vsd.LORA_LOSSES:
-        p.error(f"--lora-loss must be one of {vsd.LORA_LOSSES}, got {cfg.lora_loss!r}")
-    if cfg.lr_schedule not in ('constant', 'cosine'):
-        p.error(f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}")
+    check_config(cfg)
     return cfg
+
+
+# The range of every number (cli.number's arguments); each float is also checked for being finite.
+RANGES = {
+    'steps': dict(low=1), 'batch_size': dict(low=1), 'lr_student': dict(low=0, low_open=True),
+    'lr_lora': dict(low=0, low_open=True), 'lora_rank': dict(low=1), 'lora_alpha': dict(low=0, low_open=True),
+    'warmup': dict(low=0), 'weight_decay': dict(low=0), 'grad_clip': dict(low=0), 'ema': dict(low=0, high=1, high_open=True),
+    'save_every': dict(low=1), 'keep': dict(low=1), 'log_every': dict(low=1), 'val_every': dict(low=0),
+    'seed': dict(low=0, high=2 ** 31 - 1), 'kappa_min': dict(low=0), 'kappa_fixed': dict(low=0), 'lora_kappa': dict(low=0), 't_min': dict(low=0),
+    'null_prob': dict(low=0, high=1), 'lora_updates': dict(low=1), 'clip_weight': dict(low=0),
+    'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0),
+}
+
+
+def check_config(cfg):
+    """Every choice and number, before anything loads (timesteps against the schedule: in main)."""
+    flag = lambda name: '--' + name.replace('_', '-')
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            cli.number(flag(f.name), value, **RANGES.get(f.name, {}))
+    choices = {'random_kappa': sorted(vsd.RANDOM_KAPPA), 'lora_loss': list(vsd.LORA_LOSSES), 'vsd_weight': list(vsd.VSD_WEIGHTS),
+               'lr_schedule': ['constant', 'cosine']}
+    for name, allowed in choices.items():
+        if getattr(cfg, name) not in allowed:
+            raise cli.UserError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
+    cli.number('--kappa-max', cfg.kappa_max, low=cfg.kappa_min, fix='kappa is drawn from [kappa_min, kappa_max]')
+    cli.number('--t-max', cfg.t_max, low=cfg.t_min, fix='VSD draws t from [t_min, t_max]')
+    if cfg.clip_weight > 0 and not cfg.clip:
+        cli.warn('train.py', f"--clip-weight {cfg.clip_weight} without --clip: no CLIP loss (pass --clip DIR for it)")
+    if cfg.device:
+        cli.device('--device', cfg.device)
 
 
 # -----------------------------------------------------------------------------
@@ -154,17 +180,25 @@ def ranks_agree(tensors, device):
 
 
 def read_prompts(path):
-    if not Path(path).is_file():
-        sys.exit(f"train.py: error: prompt file {path} not found")
-    prompts = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise cli.UserError(f"prompt file {path} not found (pass --prompts FILE, one prompt per line)") from None
+    except (UnicodeDecodeError, IsADirectoryError):
+        raise cli.UserError(f"prompt file {path} is not a text file (pass a UTF-8 file, one prompt per line)") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        sys.exit(f"train.py: error: prompt file {path} holds no prompts (one per line)")
+        raise cli.UserError(f"prompt file {path} holds no prompts (one per line)")
     return prompts
 
 
 def cache_prompts(text_encoder, prompts, path, batch=64):
     """Encode `prompts` (and the null prompt) once; later runs read the file."""
     if not path.is_file():
+        long = text_encoder.too_long(prompts)
+        if long:
+            cli.warn('train.py', f"{len(long)} prompts are longer than the text encoder's {text_encoder.max_length} "
+                                 f"tokens and are cut (the first: '{long[0][0][:40]}...', {long[0][1]} tokens)")
         ctx, masks = [], []
         for i in range(0, len(prompts), batch):
             c, m = text_encoder(prompts[i:i + batch])
@@ -215,29 +249,113 @@ def save_training_state(out, step, trained, opts, generator, keep):
     tensors['rng'] = generator.get_state()
     root = Path(out) / 'checkpoints'
     tmp = root / f'step-{step:07d}.tmp'
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed here before
     tmp.mkdir(parents=True)
     save_file(tensors, str(tmp / 'state.safetensors'), metadata=meta)
-    os.replace(tmp, root / f'step-{step:07d}')  # a crash before this line leaves the older ones intact
+    M.swap_into_place(tmp, root / f'step-{step:07d}')  # a crash before this leaves the older ones intact
     for old in sorted(root.glob('step-???????'))[:-keep]:
         shutil.rmtree(old)
 
 
-def load_training_state(out, trained, opts, generator):
-    ckpts = sorted((Path(out) / 'checkpoints').glob('step-???????'))
-    if not ckpts:
-        return 0
-    path = ckpts[-1] / 'state.safetensors'
-    with safe_open(str(path), 'pt') as f:
-        meta = f.metadata()
-    tensors = load_file(str(path))
+def read_training_state(path, trained, opts):
+    """(tensors, metadata) of a training checkpoint, checked whole against this run before any of it
+    is applied: every tensor there and finite, every shape this run's."""
+    tensors, meta = M.read_safetensors(path)
+    M.check_finite(tensors, path)
     for name, module in trained.items():
-        module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + '.')},
-                               strict=name != 'teacher')  # the teacher's base weights come from --teacher
-    for name, opt in opts.items():
-        load_optimizer(opt, tensors, meta[f'opt.{name}'], f'opt.{name}')
-    generator.set_state(tensors['rng'])
-    return int(meta['step'])
+        want = {k: v.shape for k, v in module.state_dict().items() if name != 'teacher' or 'lora_' in k}
+        got = {k[len(name) + 1:]: v.shape for k, v in tensors.items() if k.startswith(name + '.')}
+        if want != got:
+            diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
+            raise M.CheckpointError(f"{path} does not hold this run's {name} ({diff[0]} differs): it was written by "
+                                    "a run with other settings")
+    if 'step' not in meta or 'rng' not in tensors or any(f'opt.{name}' not in meta for name in opts):
+        raise M.CheckpointError(f"{path} lacks the step, the random state or an optimizer: it is not a training checkpoint")
+    return tensors, meta
+
+
+def load_training_state(out, trained, opts, generator, script='train.py'):
+    """Resume from the newest checkpoint in out/checkpoints that reads whole, saying which it passed over."""
+    root = Path(out) / 'checkpoints'
+    ckpts = sorted(root.glob('step-???????'))
+    if not ckpts:
+        raise cli.UserError(f"--resume: {root} holds no checkpoint to resume from (drop --resume to start at step 0)")
+    for ckpt in reversed(ckpts):
+        try:
+            tensors, meta = read_training_state(ckpt / 'state.safetensors', trained, opts)
+        except M.CheckpointError as e:
+            cli.warn(script, f"passing over {ckpt.name}: {cli.one_line(e)}")
+            continue
+        for name, module in trained.items():
+            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + '.')},
+                                   strict=name != 'teacher')  # the teacher's base weights come from --teacher
+        for name, opt in opts.items():
+            load_optimizer(opt, tensors, meta[f'opt.{name}'], f'opt.{name}')
+        generator.set_state(tensors['rng'])
+        if ckpt != ckpts[-1]:
+            cli.warn(script, f"resuming from {ckpt}, the newest checkpoint that reads whole")
+        return int(meta['step'])
+    raise cli.UserError(f"--resume: none of the {len(ckpts)} checkpoints in {root} reads whole (start again without "
+                        "--resume, in a new --out)")
+
+
+# -----------------------------------------------------------------------------
+# The output folder: one training at a time, leftovers of a killed one tidied
+
+
+def alive(holder):
+    """Whether the process named in a lock file ('host pid') still runs; on another host, assume it does."""
+    try:
+        host, pid = holder.split()
+        pid = int(pid)
+    except ValueError:
+        return False  # a lock cut short by a kill
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lock(out):
+    """out/train.lock, holding this host and process: a second training of the same --out stops here.
+    A lock whose process is gone (killed) is taken over. Returns the lock's path, to release."""
+    path = Path(out) / 'train.lock'
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = path.read_text().strip()
+            if alive(holder):
+                raise cli.UserError(f"--out {out} is in use by another training (process {holder}, see {path}): "
+                                    "wait for it to end, or pass another --out") from None
+            cli.warn('train.py', f"taking over {path}: its training ({holder or 'unknown'}) is gone")
+            path.unlink(missing_ok=True)
+            continue
+        os.write(fd, me.encode())
+        os.close(fd)
+        return path
+    raise cli.UserError(f"--out {out}: another training is taking {path} at this moment (pass another --out)")
+
+
+def unlock(path):
+    if path.is_file() and path.read_text().strip() == f"{socket.gethostname()} {os.getpid()}":
+        path.unlink()
+
+
+def tidy(out):
+    """Leftovers of a killed training: a half-written checkpoint goes, a student save is completed or undone."""
+    root = Path(out) / 'checkpoints'
+    steps = sorted({p.name[:len('step-0000000')] for p in root.glob('step-???????*')})
+    for folder in [root / name for name in steps] + [Path(out) / 'student']:
+        done = M.finish_interrupted_save(folder)
+        if done:
+            cli.warn('train.py', done)
 
 
 # -----------------------------------------------------------------------------
@@ -276,26 +394,47 @@ def lerp_ema(ema, net, decay, step):
             e.lerp_(p.detach(), 1 - decay)
 
 
+@cli.script('train.py')
 def main(argv=None):
     cfg = parse_args(argv)
+    if not cfg.teacher:
+        raise cli.UserError("--teacher CKPT is required (a folder written by convert.py)")
+    if not cfg.prompts:
+        raise cli.UserError("--prompts FILE is required (one prompt per line)")
+    prompts = read_prompts(cfg.prompts)  # before the slow loads
+    out = Path(cfg.out)
+    cli.not_an_input('--out', out, [('the teacher', cfg.teacher), ('the prompt file', cfg.prompts)])
     ddp, rank, world, device = setup_distributed(cfg.device)
     if cfg.batch_size % world:
-        sys.exit(f"train.py: error: --batch-size {cfg.batch_size} does not split over {world} ranks")
+        raise cli.UserError(f"--batch-size {cfg.batch_size} does not split over {world} ranks (pass a multiple of {world})")
+    cli.writable_folder('--out', out)
+    has_checkpoints = any((out / 'checkpoints').glob('step-???????'))
+    if cfg.resume and not has_checkpoints:
+        raise cli.UserError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume from (drop --resume to "
+                            "start at step 0)")
+    if not cfg.resume and has_checkpoints:
+        raise cli.UserError(f"--out {out} already holds the checkpoints of a training (pass --resume to continue it, "
+                            "or another --out)")
+    lock_path = lock(out) if rank == 0 else None
+    try:
+        train(cfg, prompts, out, ddp, rank, world, device)
+    finally:
+        if lock_path:
+            unlock(lock_path)
+
+
+def train(cfg, prompts, out, ddp, rank, world, device):
+    if rank == 0:
+        tidy(out)
     B = cfg.batch_size // world
-    out = Path(cfg.out)
     torch.manual_seed(cfg.seed)  # the same initial weights (LoRA included) on every rank
     autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if device.type == 'cuda' else contextlib.nullcontext
 
     # --- set-up: teacher, student (a copy of the teacher), prompts, LoRA teacher, optimizers
-    if not cfg.teacher:
-        sys.exit("train.py: error: --teacher CKPT is required (a folder written by convert.py)")
-    if not cfg.prompts:
-        sys.exit("train.py: error: --prompts FILE is required (one prompt per line)")
-    prompts = read_prompts(cfg.prompts)  # before the slow loads
-    try:
-        pipe = M.load_checkpoint(cfg.teacher, device)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"train.py: error: {e}")
+    pipe = M.load_checkpoint(cfg.teacher, device)
+    T = pipe.schedule.T
+    cli.number('--t-max', cfg.t_max, low=cfg.t_min, high=T - 1, fix=f"the teacher's schedule has {T} timesteps")
+    cli.number('--student-t', cfg.student_t, low=-T, high=T - 1, fix=f"-1 is the last of the teacher's {T} timesteps")
     student = M.load_checkpoint(cfg.teacher, device, text=False).denoiser.train()
     teacher = pipe.denoiser.requires_grad_(False)
     digest = hashlib.sha1(json.dumps([cfg.teacher, prompts]).encode()).hexdigest()[:12]
@@ -308,7 +447,7 @@ def main(argv=None):
     try:
         lora_params = vsd.add_lora(teacher, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(',')))
     except ValueError as e:
-        sys.exit(f"train.py: error: {e} (see --lora-targets)")
+        raise cli.UserError(f"{e} (see --lora-targets)") from None
     student.requires_grad_(True)
     student.grad_checkpointing = cfg.grad_checkpointing
     if cfg.channels_last:  # 4-D weights in NHWC order: every convolution then runs channels-last
@@ -361,6 +500,10 @@ def main(argv=None):
         if step % cfg.log_every == 0 or step == cfg.steps:
             info = {k: all_reduce_mean(v.float().clone(), world).item() for k, v in info.items()}
             info['kappa_mean'] = kappa.mean().item()
+            bad = {k: v for k, v in info.items() if not math.isfinite(v)}
+            if bad:  # nothing diverged is logged or saved: the last checkpoint stays the newest
+                raise cli.UserError(f"step {step}: the training diverged ({', '.join(f'{k}={v}' for k, v in bad.items())}); "
+                                    f"checkpoints before it are kept (lower --lr-student or --lr-lora, then --resume)")
             if log:
                 log.write(json.dumps({'step': step, **info, 'kappa': [round(k, 4) for k in kappa.tolist()],
                                       'sec': round(time.time() - t0, 3)}) + '\n')

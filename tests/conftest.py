@@ -40,6 +40,21 @@ def assert_clean_error(proc, prefix):
     return lines[-1]
 
 
+def main_error(main, *args):
+    """Run a script's main(args) in-process on bad input: it must exit non-zero after writing exactly one
+    line, `SCRIPT: error: ...`, to stderr, and no traceback. Returns that line."""
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        main([str(a) for a in args])
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert exit_.value.code not in (0, None), err.getvalue()
+    assert 'Traceback' not in err.getvalue(), err.getvalue()
+    assert len(lines) == 1 and ': error: ' in lines[0], err.getvalue()
+    return lines[0]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))

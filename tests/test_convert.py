@@ -11,7 +11,9 @@
 
 Run with -s to see the measured parity errors.
 """
+import contextlib
 import gc
+import io
 import json
 import os
 import shutil
@@ -123,11 +125,14 @@ def save_diffusers(folder, scheduler, **components):
 
 
 def run(*args):
-    """convert.py in-process; returns its error line, or None when it succeeded."""
+    """convert.py in-process; returns its one error line, or None when it succeeded."""
+    err = io.StringIO()
     try:
-        convert.main([str(a) for a in args])
+        with contextlib.redirect_stderr(err):
+            convert.main([str(a) for a in args])
     except SystemExit as e:
-        return str(e.code)
+        assert e.code != 0 and len(err.getvalue().strip().splitlines()) == 1, err.getvalue()
+        return err.getvalue().strip()
     return None
 
 
@@ -779,5 +784,61 @@ def test_wrong_architecture_and_shapes_and_config(tmp_path, clip_folder):
 
 def test_pixart_pth_needs_vae_and_preset_kind(tmp_path, tiny_pth):
     assert 'holds no VAE' in run(tiny_pth, tmp_path / 'out', '--no-text')
-    err = run(tiny_pth, tmp_path / 'out', '--no-text', '--vae', tmp_path, '--preset', 'sd15')
+    (tmp_path / 'vae').mkdir()  # OUT may not lie inside a folder it reads
+    err = run(tiny_pth, tmp_path / 'out', '--no-text', '--vae', tmp_path / 'vae', '--preset', 'sd15')
     assert '--preset sd15 is a UNetConfig' in err
+
+
+# -----------------------------------------------------------------------------
+# One-step students to diffusers and back
+
+
+def same_folder(a, b):
+    """Two checkpoint folders with identical weights and schedule.json."""
+    for name in ('denoiser.safetensors', 'vae.safetensors'):
+        if (Path(a) / name).is_file() or (Path(b) / name).is_file():
+            x, y = convert.read_tensors(Path(a) / name), convert.read_tensors(Path(b) / name)
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), name
+    assert json.loads((Path(a) / 'schedule.json').read_text()) == json.loads((Path(b) / 'schedule.json').read_text())
+
+
+def test_shipped_student_to_diffusers_and_back(tmp_path):
+    src = ROOT / 'checkpoints' / 'shapes_student'
+    converted(src, tmp_path / 'diffusers', '--to', 'diffusers')
+    converted(tmp_path / 'diffusers', tmp_path / 'back')
+    same_folder(src, tmp_path / 'back')
+    assert M.load_checkpoint(tmp_path / 'back', text=False).student_t == 999
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('start_t', [999, 600])
+def test_latent_student_in_diffusers_draws_what_sample_draws(tmp_path, clip_folder, start_t):
+    """A tiny UNet + VAE student exported to diffusers: its own pipeline, one step from the student's
+    start timestep (timesteps=[start_t] where that is not T-1), draws our image from the same noise."""
+    import sample
+    net, vae = seeded_build('tiny_unet', 21), seeded_build('tiny_vae', 22)
+    M.save_checkpoint(tmp_path / 'student', net, vae, M.NoiseSchedule(M.SCHEDULES['sd']), text_folder=clip_folder,
+                      student_t=start_t)
+    converted(tmp_path / 'student', tmp_path / 'diffusers', '--to', 'diffusers')
+    converted(tmp_path / 'diffusers', tmp_path / 'back')
+    same_folder(tmp_path / 'student', tmp_path / 'back')
+
+    prompts = ['a red circle', 'a blue square']
+    ours = sample.generate(sample.load(tmp_path / 'student'), prompts, seed=5)
+    # sample.py reads the export itself (in memory) the same way
+    assert torch.equal(sample.generate(sample.load(tmp_path / 'diffusers'), prompts, seed=5), ours)
+    noise = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5))  # sample.generate's draw
+    sd = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / 'diffusers', safety_checker=None)
+    steps = {} if start_t == 999 else {'timesteps': [start_t]}
+    theirs = sd(prompts, num_inference_steps=1, guidance_scale=1.0, latents=noise, output_type='pt', **steps).images
+    err = (theirs * 2 - 1 - ours).abs().max().item()
+    print(f"\nstudent start {start_t}: diffusers pipeline vs sample.py, max |diff| = {err:.2e}")
+    assert err < 1e-4
+    if start_t != 999:  # the start timestep matters: diffusers' default one step (t = 999) draws another image
+        other = sd(prompts, num_inference_steps=1, guidance_scale=1.0, latents=noise, output_type='pt').images
+        assert (other * 2 - 1 - ours).abs().max() > 1e-2
+
+
+def seeded_build(preset, seed):
+    torch.manual_seed(seed)
+    return M.build(M.PRESETS[preset])

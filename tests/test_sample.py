@@ -151,7 +151,7 @@ def bad_inputs(tmp_path, unet_teacher):
         'missing checkpoint': (['--checkpoint', tmp_path / 'nowhere', '--prompt', 'a red circle'], 'not found'),
         'empty prompt file': (['--checkpoint', unet_teacher, '--prompt-file', empty], 'holds no prompts'),
         'missing prompt file': (['--checkpoint', unet_teacher, '--prompt-file', tmp_path / 'none.txt'], 'not found'),
-        'negative nasa scale': ([*ok, '--negative-prompt', 'red', '--nasa-scale', -0.5], '--nasa-scale must be >= 0'),
+        'negative nasa scale': ([*ok, '--negative-prompt', 'red', '--nasa-scale', -0.5], '--nasa-scale must be at least 0'),
         'unknown nasa layer': ([*ok, '--negative-prompt', 'red', '--nasa-layers', 'no_such_block'],
                                'no cross-attention layer'),
         'zero steps': ([*ok, '--steps', 0], '--steps must be at least 1'),

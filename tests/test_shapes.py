@@ -9,6 +9,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import cli  # noqa: E402
 import shapes  # noqa: E402
 from shapes import COLOURS, IMAGE_SIZE, SHAPES, classify, parse_prompt, render  # noqa: E402
 
@@ -379,7 +380,7 @@ def test_run_students_reads_runs_students_and_checkpoint_folders(tmp_path):
     (run / "checkpoints").rename(tmp_path / "elsewhere")
     assert shapes.run_students(run) == [(None, run / "student")]
     assert shapes.run_students(run / "student", last=True) == [(None, run / "student")]
-    with pytest.raises(FileNotFoundError, match="no checkpoints/step-N, no student/"):
+    with pytest.raises(cli.UserError, match="no checkpoints/step-N, no student/"):
         shapes.run_students(tmp_path / "elsewhere")
 
 

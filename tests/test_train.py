@@ -2,6 +2,7 @@
 torchrun (gloo), stop-and-resume, safe checkpoints, and clean errors on bad input."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,16 +225,16 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_failed_student_save_keeps_the_previous_student(tmp_path, monkeypatch, clip_text):
-    net = seeded(0, M.build, M.PRESETS['tiny_unet'])
+    net, vae = seeded(0, M.build, M.PRESETS['tiny_unet']), seeded(1, M.build, M.PRESETS['tiny_vae'])
     sched = M.NoiseSchedule(M.SCHEDULES['sd'])
-    M.save_checkpoint(tmp_path / 'student', net, M.PixelSpace(), sched, text_folder=clip_text, student_t=-1)
+    M.save_checkpoint(tmp_path / 'student', net, vae, sched, text_folder=clip_text, student_t=-1)
     saved = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         for p in net.parameters():
             p.add_(1.0)
     monkeypatch.setattr(M, 'save_file', failing_save_file)
     with pytest.raises(OSError):
-        M.save_checkpoint(tmp_path / 'student', net, M.PixelSpace(), sched, text_folder=clip_text, student_t=-1)
+        M.save_checkpoint(tmp_path / 'student', net, vae, sched, text_folder=clip_text, student_t=-1)
     monkeypatch.undo()
     pipe = M.load_checkpoint(tmp_path / 'student', text=False)
     assert pipe.student_t == 999
@@ -278,3 +279,68 @@ def test_unknown_lr_schedule_is_a_clean_error(unet_teacher, prompt_file, tmp_pat
     proc = run_script('train.py', *train_args(unet_teacher, prompt_file, tmp_path / 'out', 1, '--lr-schedule', 'step'),
                       timeout=STEP_TIMEOUT)
     assert '--lr-schedule' in assert_clean_error(proc, 'train.py: error:')
+
+
+# -----------------------------------------------------------------------------
+# A training killed while saving, and a resume past a damaged checkpoint
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing catches it, so no cleanup runs after it."""
+
+
+def kill_when(monkeypatch, obj, name, hit):
+    real = getattr(obj, name)
+
+    def killing(*args, **kwargs):
+        if hit(*args):
+            raise Killed
+        return real(*args, **kwargs)
+    monkeypatch.setattr(obj, name, killing)
+
+
+@pytest.mark.parametrize('moment, survivor', [('writing', 'old'), ('between the renames', 'new'),
+                                              ('deleting the old', 'new')])
+def test_a_kill_during_the_student_save_is_completed_or_undone_at_the_next_start(
+        moment, survivor, tmp_path, monkeypatch, clip_text):
+    vae, sched = seeded(1, M.build, M.PRESETS['tiny_vae']), M.NoiseSchedule(M.SCHEDULES['sd'])
+    nets = {'old': seeded(0, M.build, M.PRESETS['tiny_unet']), 'new': seeded(5, M.build, M.PRESETS['tiny_unet'])}
+    student = tmp_path / 'student'
+    M.save_checkpoint(student, nets['old'], vae, sched, text_folder=clip_text, student_t=-1)
+    if moment == 'writing':  # the VAE file is the second one written
+        kill_when(monkeypatch, M, 'save_module', lambda module, path: path.name == 'vae.safetensors')
+    elif moment == 'between the renames':
+        kill_when(monkeypatch, Path, 'rename', lambda src, dst: src.name == 'student.tmp')
+    else:
+        kill_when(monkeypatch, M.shutil, 'rmtree', lambda path, *a: Path(path).name == 'student.old')
+    with pytest.raises(Killed):
+        M.save_checkpoint(student, nets['new'], vae, sched, text_folder=clip_text, student_t=-1)
+    monkeypatch.undo()
+    leftovers = {p.name for p in tmp_path.iterdir()} - {'student'}
+    assert leftovers  # the kill left something behind
+    (tmp_path / 'checkpoints' / 'step-0000004.tmp').mkdir(parents=True)  # and a half-written training checkpoint
+    train.tidy(tmp_path)  # what train.py does first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'student']
+    assert not any((tmp_path / 'checkpoints').iterdir())
+    loaded = M.load_checkpoint(student, text=False).denoiser.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in nets[survivor].state_dict().items())
+
+
+def test_resume_passes_over_a_truncated_checkpoint_and_says_so(unet_teacher, prompt_file, tmp_path, capsys):
+    out = tmp_path / 'run'
+    args = [str(a) for a in train_args(unet_teacher, prompt_file, out, 2, '--save-every', 1, '--keep', 5)]
+    train.main(args)
+    state = out / 'checkpoints' / 'step-0000002' / 'state.safetensors'
+    straight = load_file(str(state))
+    data = state.read_bytes()
+    state.write_bytes(data[:len(data) // 3])  # a kill mid-write on a filesystem that does not rename atomically
+    capsys.readouterr()
+    train.main(args + ['--resume'])
+    err = capsys.readouterr().err
+    assert 'train.py: warning: passing over step-0000002' in err and 'a truncated safetensors file' in err
+    assert f"resuming from {out / 'checkpoints' / 'step-0000001'}" in err
+    assert [r['step'] for r in read_log(out)] == [1, 2, 2]  # step 2 done again
+    redone = load_file(str(state))
+    assert redone.keys() == straight.keys()  # written again, whole
+    assert M.load_checkpoint(out / 'student', text=False).student_t == 999
+    assert not (out / 'train.lock').exists()
