@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import convert
 import nasa
 import sample
@@ -39,8 +40,6 @@ import sample
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-class EvalError(ValueError):
-    """A user error; the message is one line: what is wrong, then how to fix it in parentheses."""
 
 # -----------------------------------------------------------------------------
 # Negative-prompt pairs and their zero-shot classes
@@ -80,15 +79,15 @@ def read_pairs(spec):
         return {'table7': lambda: TABLE7, 'shapes': shapes_pairs, 'none': list}[spec]()
     path = Path(spec)
     if not path.is_file():
-        raise EvalError(f"--pairs {spec} not found (pass table7, shapes, none, or a JSON file of pairs)")
+        raise cli.UserError(f"--pairs {spec} not found (pass table7, shapes, none, or a JSON file of pairs)")
     try:
         pairs = [Pair(p['prompt'], p['negative'], dict(p['classes'])) for p in json.loads(path.read_text())]
     except (ValueError, KeyError, TypeError) as e:
-        raise EvalError(f"--pairs {spec} is not a list of {{\"prompt\", \"negative\", \"classes\"}} "
-                        f"({type(e).__name__}: {convert.one_line(e)}; see evaluate.py's TABLE7)") from None
+        raise cli.UserError(f"--pairs {spec} is not a list of {{\"prompt\", \"negative\", \"classes\"}} "
+                        f"({type(e).__name__}: {cli.one_line(e)}; see evaluate.py's TABLE7)") from None
     for p in pairs:
         if p.negative not in p.classes or len(p.classes) < 2:
-            raise EvalError(f"--pairs {spec}: the pair '{p.prompt}' - '{p.negative}' needs its negative among "
+            raise cli.UserError(f"--pairs {spec}: the pair '{p.prompt}' - '{p.negative}' needs its negative among "
                             "at least two classes (add \"classes\": {negative: text, alternative: text, ...})")
     return pairs
 
@@ -102,7 +101,7 @@ def read_prompts(spec, limit=0):
     anime.json, concept-art.json, paintings.json, photo.json), or a folder of such files."""
     path = Path(spec)
     if not path.exists():
-        raise EvalError(f"prompt file {spec} not found (pass a .txt or .json file, or a folder of them)")
+        raise cli.UserError(f"prompt file {spec} not found (pass a .txt or .json file, or a folder of them)")
     files = sorted(f for f in path.iterdir() if f.suffix in ('.txt', '.json')) if path.is_dir() else [path]
     out = {}
     for f in files:
@@ -110,7 +109,7 @@ def read_prompts(spec, limit=0):
             try:
                 data = json.loads(f.read_text())
             except ValueError as e:
-                raise EvalError(f"{f} is not JSON ({convert.one_line(e)}; a list of prompts or "
+                raise cli.UserError(f"{f} is not JSON ({cli.one_line(e)}; a list of prompts or "
                                 "{category: [prompts]})") from None
             for cat, prompts in (data.items() if isinstance(data, dict) else [(f.stem, data)]):
                 out.setdefault(cat, []).extend(str(p) for p in prompts)
@@ -121,7 +120,7 @@ def read_prompts(spec, limit=0):
                     out.setdefault(cat.strip() or (f.stem if path.is_dir() else 'all'), []).append(prompt.strip())
     out = {cat: (prompts[:limit] if limit else prompts) for cat, prompts in out.items() if prompts}
     if not out:
-        raise EvalError(f"prompt file {spec} holds no prompts (one per line, or a JSON list)")
+        raise cli.UserError(f"prompt file {spec} holds no prompts (one per line, or a JSON list)")
     return out
 
 # -----------------------------------------------------------------------------
@@ -133,11 +132,11 @@ def read_model(folder, flag, kinds):
     import transformers
     folder = Path(folder)
     if not (folder / 'config.json').is_file():
-        raise EvalError(f"{flag} {folder}: no config.json there (download the model's transformers folder, "
+        raise cli.UserError(f"{flag} {folder}: no config.json there (download the model's transformers folder, "
                         f"e.g. with `huggingface-cli download`, and pass its path)")
     kind = convert.read_json(folder / 'config.json').get('model_type')
     if kind not in kinds:
-        raise EvalError(f"{flag} {folder} holds a {kind!r} model, not {' or '.join(kinds)} (pass a "
+        raise cli.UserError(f"{flag} {folder} holds a {kind!r} model, not {' or '.join(kinds)} (pass a "
                         f"{' or '.join(kinds)} folder)")
     transformers.logging.set_verbosity_error()
     cls = {'clip': transformers.CLIPModel, 'clip_vision_model': transformers.CLIPVisionModelWithProjection,
@@ -145,7 +144,7 @@ def read_model(folder, flag, kinds):
     try:
         model = cls.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as e:
-        raise EvalError(f"{flag} {folder}: transformers cannot load it ({convert.one_line(e)})") from None
+        raise cli.UserError(f"{flag} {folder}: transformers cannot load it ({cli.one_line(e)})") from None
     return model.float().requires_grad_(False).eval()
 
 
@@ -204,7 +203,7 @@ class Clip:
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(tok)
         except (OSError, ValueError) as e:
-            raise EvalError(f"{flag} {folder}: no tokenizer ({convert.one_line(e)}; the folder needs the "
+            raise cli.UserError(f"{flag} {folder}: no tokenizer ({cli.one_line(e)}; the folder needs the "
                             "tokenizer files of the model's download)") from None
         self.preprocess = Preprocess.of(folder, self.model.config.vision_config.image_size, pad)
         self.device = device
@@ -298,7 +297,7 @@ def read_images(folder, limit=0):
     from PIL import Image
     files = sorted(f for f in Path(folder).glob('*') if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.webp'))
     if not files:
-        raise EvalError(f"--fd-reference {folder} holds no PNG or JPEG images (pass a folder of reference images)")
+        raise cli.UserError(f"--fd-reference {folder} holds no PNG or JPEG images (pass a folder of reference images)")
     for f in files[:limit or None]:
         arr = np.asarray(Image.open(f).convert('RGB'), np.float32)
         yield torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1
@@ -438,15 +437,15 @@ def convert_hpsv2(src, base, out):
     import transformers
     from safetensors.torch import save_file
     if not Path(src).is_file():
-        raise EvalError(f"--convert-hpsv2 {src} not found (download HPS_v2_compressed.pt or "
+        raise cli.UserError(f"--convert-hpsv2 {src} not found (download HPS_v2_compressed.pt or "
                         "HPS_v2.1_compressed.pt from the xswu/HPSv2 model repository)")
     if not (Path(base) / 'config.json').is_file() or \
             convert.read_json(Path(base) / 'config.json').get('model_type') != 'clip':
-        raise EvalError(f"--hpsv2-base {base} is not a transformers CLIPModel folder (download "
+        raise cli.UserError(f"--hpsv2-base {base} is not a transformers CLIPModel folder (download "
                         "laion/CLIP-ViT-H-14-laion2B-s32B-b79K and pass its folder)")
     sd = convert.read_tensors(src)
     if not any(k.startswith('visual.') for k in sd):
-        raise EvalError(f"{src} holds no OpenCLIP image tower (visual.*), so it is not an HPSv2 checkpoint"
+        raise cli.UserError(f"{src} holds no OpenCLIP image tower (visual.*), so it is not an HPSv2 checkpoint"
                         f"{convert.looks_like(sd)} (pass HPS_v2_compressed.pt)")
     cfg = transformers.CLIPConfig.from_pretrained(base)
     names = open_clip_model_names(cfg.text_config.num_hidden_layers, cfg.vision_config.num_hidden_layers)
@@ -464,10 +463,10 @@ def convert_hpsv2(src, base, out):
     try:  # transformers checks every key and shape once more
         _, info = transformers.CLIPModel.from_pretrained(out, output_loading_info=True)
     except RuntimeError as e:
-        raise EvalError(f"{src} does not fit {base}'s config ({convert.one_line(e)}; pass the CLIP it was "
+        raise cli.UserError(f"{src} does not fit {base}'s config ({cli.one_line(e)}; pass the CLIP it was "
                         "fine-tuned from as --hpsv2-base)") from None
     if info['missing_keys'] or info['unexpected_keys'] or info.get('mismatched_keys'):
-        raise EvalError(f"{src} does not fit {base}'s config ({info}; pass the CLIP it was fine-tuned from)")
+        raise cli.UserError(f"{src} does not fit {base}'s config ({info}; pass the CLIP it was fine-tuned from)")
     return out
 
 # -----------------------------------------------------------------------------
@@ -514,26 +513,26 @@ def parse_args(argv=None):
 def run(args):
     if args.convert_hpsv2:
         if not args.hpsv2 or not args.hpsv2_base:
-            raise EvalError("--convert-hpsv2 needs --hpsv2 OUT and --hpsv2-base DIR (the folder to write, and "
+            raise cli.UserError("--convert-hpsv2 needs --hpsv2 OUT and --hpsv2-base DIR (the folder to write, and "
                             "laion/CLIP-ViT-H-14-laion2B-s32B-b79K's transformers folder)")
         print(f"wrote {convert_hpsv2(args.convert_hpsv2, args.hpsv2_base, args.hpsv2)}")
         return None
     try:
         seeds = [int(s) for s in args.seeds.split(',')]
     except ValueError:
-        raise EvalError(f"--seeds {args.seeds}: not a comma-separated list of integers (e.g. 0,1,2,3)") from None
+        raise cli.UserError(f"--seeds {args.seeds}: not a comma-separated list of integers (e.g. 0,1,2,3)") from None
     if bool(args.fd_model) != bool(args.fd_reference):
-        raise EvalError("the Frechet distance needs both --fd-model and --fd-reference")
+        raise cli.UserError("the Frechet distance needs both --fd-model and --fd-reference")
     if not (args.clip or args.hpsv2 or args.fd_model):
-        raise EvalError("nothing to measure (pass --clip, --hpsv2 or --fd-model with the folder of its weights)")
+        raise cli.UserError("nothing to measure (pass --clip, --hpsv2 or --fd-model with the folder of its weights)")
     if (args.hpsv2 or args.fd_model) and not args.prompt_file:
-        raise EvalError("HPSv2 and the Frechet distance score the images of --prompt-file (pass one)")
+        raise cli.UserError("HPSv2 and the Frechet distance score the images of --prompt-file (pass one)")
     prompts = read_prompts(args.prompt_file, args.limit) if args.prompt_file else None
     pairs = read_pairs(args.pairs)
     for flag, folder in (('--clip', args.clip), ('--hpsv2', args.hpsv2), ('--fd-model', args.fd_model),
                          ('--fd-reference', args.fd_reference)):
         if folder and not Path(folder).is_dir():
-            raise EvalError(f"{flag} {folder}: no such folder (download the weights and pass their folder; "
+            raise cli.UserError(f"{flag} {folder}: no such folder (download the weights and pass their folder; "
                             "see the README's evaluation section)")
     clip = Clip(args.clip, device=args.device) if args.clip else None
     hps = Clip(args.hpsv2, '--hpsv2', pad=True, device=args.device) if args.hpsv2 else None
@@ -551,12 +550,10 @@ def run(args):
             **res}
 
 
+@cli.script('evaluate.py')
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        res = run(args)
-    except (EvalError, sample.SampleError, convert.ConversionError) as e:
-        sys.exit(f"evaluate.py: error: {e}")
+    res = run(args)
     if res is None:
         return
     print(format_table(res))

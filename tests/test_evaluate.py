@@ -206,12 +206,13 @@ def test_hpsv2_conversion_matches_open_clip(tmp_path, world_tokenizer):
     assert (want_image - hps.image_embeds(random_images(4, seed=4))).abs().max() > 0.01  # the check can fail
 
 
-def test_hpsv2_conversion_refuses_a_text_only_openclip(tmp_path, tiny_clip):
+def test_hpsv2_conversion_refuses_a_text_only_openclip(tmp_path, tiny_clip, capsys):
     save_file({'transformer.resblocks.0.attn.in_proj_weight': torch.zeros(96, 32)}, str(tmp_path / 'text.safetensors'))
     with pytest.raises(SystemExit) as e:
         E.main(['--convert-hpsv2', str(tmp_path / 'text.safetensors'), '--hpsv2-base', str(tiny_clip),
                 '--hpsv2', str(tmp_path / 'out')])
-    msg = str(e.value.code)
+    msg = capsys.readouterr().err.rstrip('\n')
+    assert e.value.code == 2
     assert msg.startswith('evaluate.py: error: ') and 'not an HPSv2 checkpoint' in msg and '\n' not in msg
     assert 'OpenCLIP text encoder' in msg
 
@@ -246,7 +247,7 @@ def test_cli_end_to_end(tmp_path, tiny_clip):
     assert 'CLIP+ NASA' in proc.stdout and 'Frechet distance' in proc.stdout
 
 
-def test_cli_errors_are_one_line(tmp_path, tiny_clip):
+def test_cli_errors_are_one_line(tmp_path, tiny_clip, capsys):
     empty = tmp_path / 'empty.txt'
     empty.write_text('\n  \n')
     dino = tmp_path / 'dino'
@@ -259,7 +260,8 @@ def test_cli_errors_are_one_line(tmp_path, tiny_clip):
     for args, what in cases:
         with pytest.raises(SystemExit) as e:
             E.main(list(map(str, args)))
-        msg = str(e.value.code)
+        msg = capsys.readouterr().err.rstrip('\n')
+        assert e.value.code == 2
         assert msg.startswith('evaluate.py: error: ') and what in msg and '\n' not in msg, msg
         assert '(' in msg  # how to fix it
     proc = run_script('evaluate.py', '--clip', tiny_clip, '--prompt-file', empty)
