@@ -86,20 +86,23 @@ def lora_disabled(model):
 # Denoiser helpers: the network is only a function; the schedule owns the parameterisation
 
 
-def denoise(net, schedule, x_t, t, context, mask=None):
-    """(x0, eps) predicted by `net` at x_t. PixArt's learned-sigma channels are dropped."""
-    out = net(x_t, t, context, mask)[:, :x_t.shape[1]]
+def denoise(net, schedule, x_t, t, context, mask=None, added=None):
+    """(x0, eps) predicted by `net` at x_t. PixArt's learned-sigma channels are dropped. added: SDXL's
+    pooled text and size/crop ids (model.sdxl_added), for the UNets that take them."""
+    out = (net(x_t, t, context, mask) if added is None else net(x_t, t, context, mask, added=added))[:, :x_t.shape[1]]
     return schedule.x0_eps(out, x_t, t)
 
 
 def guided_eps(net, schedule, x_t, t, cond, null, kappa):
     """Classifier-free guidance, eps_u + kappa (eps_c - eps_u), kappa per sample (B,).
-    cond/null are (context, mask) pairs; the two halves run as one batched forward."""
+    cond/null are (context, mask) or (context, mask, added) tuples (added: SDXL's, see denoise);
+    the two halves run as one batched forward."""
     B = x_t.shape[0]
-    (c, cm), (u, um) = cond, null
+    (c, cm, *ca), (u, um, *ua) = cond, null
     context = torch.cat([c, u.expand(B, *u.shape[1:])])
     mask = None if cm is None else torch.cat([cm, um.expand(B, *um.shape[1:])])
-    _, eps = denoise(net, schedule, x_t.repeat(2, 1, 1, 1), t.repeat(2), context, mask)
+    added = torch.cat([ca[0], ua[0].expand(B, -1)]) if ca and ca[0] is not None else None
+    _, eps = denoise(net, schedule, x_t.repeat(2, 1, 1, 1), t.repeat(2), context, mask, added)
     eps_c, eps_u = eps.chunk(2)
     return eps_u + kappa.view(-1, 1, 1, 1).to(eps.dtype) * (eps_c - eps_u)
 
@@ -142,10 +145,12 @@ def draw_kappa(cfg: VSDConfig, B, device, generator=None):
     return (kappa if rt else fixed), (kappa if rl else fixed)
 
 
-def student_generate(student, schedule, z, context, mask=None, start_t=-1):
-    """One-step generation: pure noise read as x_T at the start timestep, mapped to x0."""
-    t = torch.full((z.shape[0],), start_t % schedule.T, device=z.device, dtype=torch.long)
-    x0, _ = denoise(student, schedule, z, t, context, mask)
+def student_generate(student, schedule, z, context, mask=None, start_t=-1, added=None):
+    """One-step generation: pure noise read as x_t at the start timestep (negative: counted from T;
+    a rectified-flow network starts at T itself), mapped to x0."""
+    start_t = start_t + schedule.T if start_t < 0 else start_t
+    t = torch.full((z.shape[0],), start_t, device=z.device, dtype=torch.long)
+    x0, _ = denoise(student, schedule, z, t, context, mask, added)
     return x0
 
 
