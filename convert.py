@@ -334,6 +334,7 @@ class Parts:
     text_folder: Path = None           # a folder with text_encoder/ and tokenizer/
     null_caption: torch.Tensor = None  # PixArt's learned unconditional caption (120, 4096), if kept
     student_t: int = None              # a one-step model's start timestep (ONE_STEP)
+    student_noise: str = 'unit'        # ... and how its noise is scaled there
 
 
 WEIGHT_FILES = [f'diffusion_pytorch_model{name}' for name in (
@@ -403,11 +404,11 @@ def ours_parts(folder):
         return load_strict(cfg, read_tensors(folder / file), folder / file)
     vae = read('vae.safetensors') if (folder / 'vae.safetensors').is_file() else model.PixelSpace()
     sched = read_json(folder / 'schedule.json')
-    student_t = sched.pop('student_t', None)
+    student_t, noise = sched.pop('student_t', None), sched.pop('student_noise', 'unit')
     null = folder / 'null_caption.safetensors'
     return Parts(read('denoiser.safetensors'), vae, model.NoiseSchedule(model.Schedule(**sched)),
                  folder if has_text(folder) else None, read_tensors(null)['null_caption'] if null.is_file() else None,
-                 student_t)
+                 student_t, noise)
 
 
 # -----------------------------------------------------------------------------
@@ -595,21 +596,22 @@ class OneStep:
     arch: str
     prediction_type: str
     start_t: int
+    noise: str = 'unit'  # 'sigma': Euler with trailing spacing starts from sigma_T z (vsd.student_generate)
 
 
 # Each as its model card or code runs it, guidance off (0, or 1 where the pipeline's CFG is off at 1).
 ONE_STEP = {
     # stabilityai/sd-turbo, stabilityai/sdxl-turbo: num_inference_steps=1, guidance_scale=0.0; the pipeline's
     # Euler-ancestral scheduler with trailing spacing takes its one step from t = 999.
-    'sd_turbo': OneStep('sd_turbo', 'epsilon', 999),
-    'sdxl_turbo': OneStep('sdxl_turbo', 'epsilon', 999),
+    'sd_turbo': OneStep('sd_turbo', 'epsilon', 999, 'sigma'),
+    'sdxl_turbo': OneStep('sdxl_turbo', 'epsilon', 999, 'sigma'),
     # tianweiy/DMD2: the SD1.5 generator maps noise at t = 999; the SDXL one-step UNet (dmd2_sdxl_1step_unet)
     # runs with LCMScheduler, num_inference_steps=1, guidance_scale=0, timesteps=[399].
     'dmd2_sd15': OneStep('sd15', 'epsilon', 999),
     'dmd2_sdxl': OneStep('sdxl', 'epsilon', 399),
     # ByteDance/SDXL-Lightning, sdxl_lightning_1step_unet_x0: EulerDiscreteScheduler(timestep_spacing="trailing",
     # prediction_type="sample"), one step: the network's output at t = 999 is the image latent.
-    'sdxl_lightning_1step': OneStep('sdxl', 'sample', 999),
+    'sdxl_lightning_1step': OneStep('sdxl', 'sample', 999, 'sigma'),
     # ByteDance/Hyper-SD, Hyper-SDXL-1step-Unet: LCMScheduler, num_inference_steps=1, guidance_scale=0,
     # timesteps=[800] ("set start timesteps to 800 in the one-step inference").
     'hyper_sdxl_1step': OneStep('sdxl', 'epsilon', 800),
@@ -806,7 +808,7 @@ def check_one_step(cfg, name, src):
 
 def write_ours(out, parts, dtype):
     model.save_checkpoint(out, parts.denoiser.to(dtype), parts.vae.to(dtype), parts.schedule, parts.text_folder,
-                          parts.student_t)
+                          parts.student_t, parts.student_noise)
     if parts.null_caption is not None:
         null = {'null_caption': parts.null_caption.to(dtype).contiguous()}  # (120, caption_channels)
         save_file(null, str(Path(out) / 'null_caption.safetensors'))
@@ -914,7 +916,7 @@ def convert(args):
         if one_step:
             check_one_step(parts.denoiser.cfg, args.preset, src)
             parts.schedule = model.NoiseSchedule(replace(parts.schedule.config, prediction_type=one_step.prediction_type))
-            parts.student_t = one_step.start_t
+            parts.student_t, parts.student_noise = one_step.start_t, one_step.noise
         if args.prediction_type:
             parts.schedule = model.NoiseSchedule(replace(parts.schedule.config, prediction_type=args.prediction_type))
         if args.no_text:

@@ -803,12 +803,13 @@ class Pipeline:
     schedule: NoiseSchedule
     text_encoder: TextEncoder = None
     student_t: int = None  # a one-step student's start timestep; None for a multi-step model
+    student_noise: str = 'unit'  # 'sigma': its noise is scaled by sigma at the start (vsd.student_generate)
 
 
 TEXT_PARTS = ('text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')  # SDXL has the last two
 
 
-def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t=None):
+def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t=None, student_noise='unit'):
     """The project's checkpoint folder: denoiser.safetensors, vae.safetensors (none in pixel space),
     schedule.json, text_encoder/ + tokenizer/ copied from text_folder (transformers' layout) and, for
     a one-step student, the timestep it starts from (in schedule.json).
@@ -822,6 +823,8 @@ def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t
     if isinstance(vae, VAE):
         save_module(vae, tmp / 'vae.safetensors')
     meta = {} if student_t is None else {'student_t': student_t if 0 <= student_t <= schedule.T else student_t % schedule.T}
+    if student_noise != 'unit':
+        meta['student_noise'] = student_noise
     (tmp / 'schedule.json').write_text(json.dumps({**asdict(schedule.config), **meta}, indent=2))
     if text_folder is not None:
         for sub in TEXT_PARTS:
@@ -845,6 +848,6 @@ def load_checkpoint(folder, device='cpu', dtype=torch.float32, text=True):
     vae_path = folder / 'vae.safetensors'
     vae = load_module(vae_path, device, dtype).eval() if vae_path.is_file() else PixelSpace()
     sched = json.loads((folder / 'schedule.json').read_text())
-    student_t = sched.pop('student_t', None)
+    student_t, noise = sched.pop('student_t', None), sched.pop('student_noise', 'unit')
     text_encoder = TextEncoder(folder).to(device) if text else None
-    return Pipeline(denoiser, vae, NoiseSchedule(Schedule(**sched)).to(device), text_encoder, student_t)
+    return Pipeline(denoiser, vae, NoiseSchedule(Schedule(**sched)).to(device), text_encoder, student_t, noise)

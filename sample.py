@@ -90,7 +90,7 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
                 raise SampleError(str(e)) from None
         try:
             x = vsd.student_generate(net, schedule, x, c, cm, -1 if pipe.student_t is None else pipe.student_t,
-                                     size_ids(pooled))
+                                     size_ids(pooled), pipe.student_noise)
         finally:
             nasa.disable(net)
     else:

@@ -145,11 +145,15 @@ def draw_kappa(cfg: VSDConfig, B, device, generator=None):
     return (kappa if rt else fixed), (kappa if rl else fixed)
 
 
-def student_generate(student, schedule, z, context, mask=None, start_t=-1, added=None):
+def student_generate(student, schedule, z, context, mask=None, start_t=-1, added=None, noise='unit'):
     """One-step generation: pure noise read as x_t at the start timestep (negative: counted from T;
-    a rectified-flow network starts at T itself), mapped to x0."""
+    a rectified-flow network starts at T itself), mapped to x0. noise='sigma': x_t = sigma_t z, as
+    diffusers' Euler schedulers with trailing spacing start (their initial noise is sigma_max, not
+    sqrt(sigma_max^2 + 1), in their variance-exploding units)."""
     start_t = start_t + schedule.T if start_t < 0 else start_t
     t = torch.full((z.shape[0],), start_t, device=z.device, dtype=torch.long)
+    if noise == 'sigma':
+        z = z * schedule.alpha_sigma(t, z.ndim)[1].to(z.dtype)
     x0, _ = denoise(student, schedule, z, t, context, mask, added)
     return x0
 

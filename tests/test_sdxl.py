@@ -108,3 +108,146 @@ def test_sdxl_unet_parity_at_the_real_config():
     # the added embedding matters: other size ids, another output
     other = ours(x[:1], t[:1], ctx[:1], added=torch.cat([pooled[:1], ids[1:2]], dim=1))
     assert rel_err(other, out[:1]) > 1e-3
+
+
+# -----------------------------------------------------------------------------
+# A tiny SDXL-shaped pipeline through files, and each one-step preset against diffusers' pipeline
+
+TINY_VAE = dict(block_out_channels=[32, 64], down_block_types=['DownEncoderBlock2D'] * 2,
+                up_block_types=['UpDecoderBlock2D'] * 2, layers_per_block=1, latent_channels=4, scaling_factor=0.13025)
+SDXL_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_linear', num_train_timesteps=1000,
+                  prediction_type='epsilon', steps_offset=1, timestep_spacing='leading')
+
+
+def dual_text_folder(folder):
+    """text_encoder/ (CLIP, 32 wide) + text_encoder_2/ (CLIP with a 32-wide projection), two tokenizers."""
+    from conftest import make_clip_text, seeded
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    make_clip_text(folder)
+    cfg = CLIPTextConfig.from_pretrained(folder / 'text_encoder').to_dict()
+    cfg2 = CLIPTextConfig(**{**cfg, 'projection_dim': 32, 'architectures': None})
+    seeded(1, CLIPTextModelWithProjection, cfg2).save_pretrained(folder / 'text_encoder_2')
+    shutil.copytree(folder / 'tokenizer', folder / 'tokenizer_2')
+    return folder
+
+
+@pytest.fixture(scope='module')
+def sdxl_src(tmp_path_factory):
+    """A diffusers StableDiffusionXLPipeline folder with seeded random weights."""
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    folder = tmp_path_factory.mktemp('sdxl')
+    text = dual_text_folder(tmp_path_factory.mktemp('sdxl_text'))
+    pipe = diffusers.StableDiffusionXLPipeline(
+        vae=pooled_views(diffusers.AutoencoderKL, TINY_VAE, seed=3),
+        text_encoder=CLIPTextModel.from_pretrained(text / 'text_encoder'),
+        text_encoder_2=CLIPTextModelWithProjection.from_pretrained(text / 'text_encoder_2'),
+        tokenizer=AutoTokenizer.from_pretrained(text / 'tokenizer'),
+        tokenizer_2=AutoTokenizer.from_pretrained(text / 'tokenizer_2'),
+        unet=pooled_views(diffusers.UNet2DConditionModel, TINY_SDXL_UNET, seed=2),
+        scheduler=diffusers.EulerDiscreteScheduler(**SDXL_SCHED), add_watermarker=False)
+    for net in (pipe.vae, pipe.unet):  # pooled views share memory: saved as separate tensors
+        for m in net.modules():
+            for k, p in m._parameters.items():
+                if p is not None:
+                    m._parameters[k] = torch.nn.Parameter(p.clone(), requires_grad=False)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def run_convert(*args):
+    try:
+        convert.main([str(a) for a in args])
+    except SystemExit as e:
+        return str(e.code)
+    return None
+
+
+@torch.no_grad()
+def test_tiny_sdxl_through_files_and_back(sdxl_src, tmp_path):
+    assert run_convert(sdxl_src, tmp_path / 'ours') is None
+    pipe = M.load_checkpoint(tmp_path / 'ours')
+    assert pipe.denoiser.cfg == M.PRESETS['tiny_sdxl'] and pipe.vae.cfg.scaling_factor == 0.13025
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_src)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 7, 64, generator=g)
+    pooled, ids = added_inputs(3, 32)
+    t = torch.tensor([999, 500, 20])
+    want = ref.unet(x, t, encoder_hidden_states=ctx, added_cond_kwargs={'text_embeds': pooled, 'time_ids': ids}).sample
+    err = rel_err(pipe.denoiser(x, t, ctx, added=torch.cat([pooled, ids], 1)), want)
+    print(f"\nparity tiny sdxl unet (files): {err:.2e}")
+    assert err <= TOL
+    # the dual text encoder against diffusers' own SDXL prompt encoding
+    prompts = ['a red circle', 'a blue square on a green triangle']
+    emb, neg, pooled_ref, _ = ref.encode_prompt(prompts, device='cpu', do_classifier_free_guidance=False)
+    c, mask, pooled_ours = pipe.text_encoder.encode(prompts)
+    print(f"parity dual text encoder: sequence {rel_err(c, emb):.2e}, pooled {rel_err(pooled_ours, pooled_ref):.2e}")
+    assert mask is None and c.shape == (2, pipe.text_encoder.max_length, 64) and rel_err(c, emb) <= TOL and rel_err(pooled_ours, pooled_ref) <= TOL
+    # ours -> diffusers: the same tensors, a folder diffusers loads
+    assert run_convert(tmp_path / 'ours', tmp_path / 'back', '--to', 'diffusers') is None
+    for sub in ('unet', 'vae'):
+        src = convert.read_tensors(sdxl_src / sub / 'diffusion_pytorch_model.safetensors')
+        back = convert.read_tensors(tmp_path / 'back' / sub / 'diffusion_pytorch_model.safetensors')
+        assert src.keys() == back.keys() and all(torch.equal(src[k], back[k]) for k in src)
+    again = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / 'back')
+    assert convert.unet_config(again.unet.config) == M.PRESETS['tiny_sdxl']
+    assert again.vae.config.scaling_factor == 0.13025 and again.text_encoder_2 is not None
+
+
+# preset -> the scheduler and call its model card gives
+CARDS = {
+    'sdxl_turbo': (lambda c: diffusers.EulerAncestralDiscreteScheduler.from_config(c, timestep_spacing='trailing'), {}),
+    'dmd2_sdxl': (lambda c: diffusers.LCMScheduler.from_config(c), {'timesteps': [399]}),
+    'sdxl_lightning_1step': (lambda c: diffusers.EulerDiscreteScheduler.from_config(
+        c, timestep_spacing='trailing', prediction_type='sample'), {}),
+    'hyper_sdxl_1step': (lambda c: diffusers.LCMScheduler.from_config(c), {'timesteps': [800]}),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize('preset', sorted(CARDS))
+def test_one_step_sdxl_presets_match_the_model_cards(preset, sdxl_src, tmp_path):
+    import sample
+    assert run_convert(sdxl_src, tmp_path / 'ours', '--preset', preset) is None
+    pipe = M.load_checkpoint(tmp_path / 'ours')
+    assert pipe.student_t == convert.ONE_STEP[preset].start_t
+    ours = (sample.generate(pipe, ['a red circle'], seed=0, height=64, width=64) + 1) / 2
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_src)
+    scheduler, kwargs = CARDS[preset]
+    ref.scheduler = scheduler(ref.scheduler.config)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))  # the tiny VAE halves: 64 px
+    want = ref('a red circle', num_inference_steps=1, guidance_scale=0.0, latents=z, height=64, width=64,
+               output_type='pt', **kwargs).images
+    err = rel_err(ours, want)
+    print(f"\none-step {preset} image vs diffusers: {err:.2e}")
+    assert err <= TOL
+
+
+@torch.no_grad()
+def test_nasa_on_sdxl(sdxl_src, tmp_path):
+    """Both encoders' negative states go through the pair, the pooled text stays the positive's:
+    NASA at 0 is the plain image bit for bit, and a negative prompt changes it."""
+    import sample
+    assert run_convert(sdxl_src, tmp_path / 'ours', '--preset', 'dmd2_sdxl') is None
+    pipe = M.load_checkpoint(tmp_path / 'ours')
+    gen = lambda neg, scale: sample.generate(pipe, ['a red circle'], neg, scale, seed=0, height=64, width=64)
+    plain = gen(None, 0.0)
+    assert torch.equal(gen('a blue square', 0.0), plain)
+    assert (gen('a blue square', 0.5) - plain).abs().max() > 1e-3
+
+
+def test_sdxl_bad_inputs_are_one_line(sdxl_src, tmp_path):
+    err = run_convert(sdxl_src, tmp_path / 'a', '--preset', 'dmd2_sd15')
+    assert err.startswith('convert.py: error:') and 'an SDXL UNet' in err and '--preset dmd2_sd15' in err
+    one = tmp_path / 'one_text'  # an SDXL folder that lost its second text encoder
+    shutil.copytree(sdxl_src, one, ignore=shutil.ignore_patterns('text_encoder_2', 'tokenizer_2'))
+    err = run_convert(one, tmp_path / 'b')
+    assert err.startswith('convert.py: error:') and 'text_encoder_2' in err and '\n' not in err
+    import sample
+    assert run_convert(sdxl_src, tmp_path / 'c') is None
+    for argv, what in [(['--height', '62'], 'multiples of 4'), ([], None)]:
+        try:
+            sample.main(['--checkpoint', str(tmp_path / 'c'), '--prompt', 'x', '--n', '1', '--out',
+                         str(tmp_path / 'x.png'), '--height', '64', '--width', '64', *argv])
+            assert what is None
+        except SystemExit as e:
+            assert what and str(e.code).startswith('sample.py: error:') and what in str(e.code), e.code
