@@ -251,3 +251,27 @@ def test_sdxl_bad_inputs_are_one_line(sdxl_src, tmp_path):
             assert what is None
         except SystemExit as e:
             assert what and str(e.code).startswith('sample.py: error:') and what in str(e.code), e.code
+
+
+def test_sdxl_single_file_key_map_matches_diffusers():
+    """The real SDXL config: our map of the original UNet (label_emb, 1/2/10 transformer blocks) lands
+    each tensor where diffusers' converter puts it; the architecture reads back off the shapes; bigG's
+    fused in_proj and projection as diffusers' OpenCLIP converter splits them."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_open_clip_checkpoint
+    from test_convert import ldm_unet_layout, numbered, open_clip_layout, shapes_of
+    cfg = M.PRESETS['sdxl']
+    ldm = numbered(ldm_unet_layout(cfg))
+    with torch.device('meta'):
+        want = diffusers.UNet2DConditionModel.from_config(SDXL_UNET).state_dict()
+    ref = convert_ldm_unet_checkpoint({'model.diffusion_model.' + k: v for k, v in ldm.items()}, SDXL_UNET)
+    assert shapes_of(ref) == shapes_of(want)
+    ours = convert.gather(ldm, convert.ldm_unet_names(cfg), 'test')
+    ref = {convert.to_ours(k): v for k, v in ref.items()}
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert convert.infer_unet_config(ldm, 'test') == cfg
+    prefix = 'conditioner.embedders.1.model.'
+    oc = {k: torch.randn(s) for k, s in open_clip_layout(32, 3, 50, 8).items()}
+    ref = convert_open_clip_checkpoint(None, {prefix + k: v for k, v in oc.items()}, prefix=prefix)
+    ours = convert.gather(oc, convert.open_clip_names(3, projection=True), 'test')
+    ours['text_projection.weight'] = ours['text_projection.weight'].T
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
