@@ -837,9 +837,9 @@ def write_diffusers(out, parts, dtype):
              '_diffusers_version': DIFFUSERS_VERSION, sub: ['diffusers', config['_class_name']],
              'vae': [None, None], 'scheduler': ['diffusers', 'DDIMScheduler'],
              'text_encoder': [None, None], 'tokenizer': [None, None]}
-    if sdxl:  # the pooled text and second encoder; its unconditional prompt is the empty one, encoded
+    if sdxl:  # the pooled text and second encoder; no negative prompt: zeros, as SDXL base (TextEncoder.null)
         index.update(text_encoder_2=[None, None], tokenizer_2=[None, None], image_encoder=[None, None],
-                     feature_extractor=[None, None], force_zeros_for_empty_prompt=False)
+                     feature_extractor=[None, None], force_zeros_for_empty_prompt=True)
     elif unet:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
                      requires_safety_checker=False)

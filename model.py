@@ -714,6 +714,19 @@ class TextEncoder(nn.Module):
         """list of n prompts -> (embeddings (n, L, dim), mask (n, L) bool, or None for CLIP)."""
         return self.encode(prompts)[:2]
 
+    @torch.no_grad()
+    def null(self):
+        """The unconditional input of classifier-free guidance, as `encode` returns it for one prompt.
+        SD and PixArt: the empty prompt, encoded. SDXL: zeros for the sequence and the pooled vector,
+        as SDXL base's pipeline does for an absent negative prompt (diffusers' StableDiffusionXLPipeline,
+        force_zeros_for_empty_prompt=True in stabilityai/stable-diffusion-xl-base-1.0's model_index.json;
+        the original trainer dropped the text by zeroing its embeddings)."""
+        if self.model_2 is None:
+            return self.encode([''])
+        w = next(self.model_2.parameters())
+        zeros = torch.zeros(1, self.max_length, self.dim, device=w.device, dtype=w.dtype)
+        return zeros, None, torch.zeros(1, self.model_2.config.projection_dim, device=w.device, dtype=w.dtype)
+
 
 def sdxl_added(pooled, height, width, crop=(0, 0), original=None):
     """SDXL's added conditioning (B, pooled + 6): the pooled text embedding and the size/crop ids

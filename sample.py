@@ -94,7 +94,8 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
         finally:
             nasa.disable(net)
     else:
-        u, um, upooled = pipe.text_encoder.encode([negative or ''])
+        # no negative prompt: the model's own unconditional input (SDXL: zeros, see TextEncoder.null)
+        u, um, upooled = pipe.text_encoder.encode([negative]) if negative is not None else pipe.text_encoder.null()
         x = ddim(net, schedule, x, (c, cm, size_ids(pooled)), (u.to(dtype), um, size_ids(upooled)), steps, cfg)
     return pipe.vae.decode(x).float().clamp(-1, 1)
 
