@@ -198,14 +198,17 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, loss='native', gene
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     drop = torch.rand(B, device=x0.device, generator=generator) < null_prob
-    (c, cm), (u, um) = cond, null
+    (c, cm, *ca), (u, um, *ua) = cond, null
     c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
     cm = None if cm is None else torch.where(drop.view(-1, 1), um.expand_as(cm), cm)
+    added = ca[0] if ca and ca[0] is not None else None  # SDXL: the pooled text is dropped with the sequence
+    if added is not None:
+        added = torch.where(drop.view(-1, 1), ua[0].expand_as(added), added)
     x_t = schedule.add_noise(x0, eps, t)
     if loss == 'native':
-        out = net(x_t, t, c, cm)[:, :x0.shape[1]]
+        out = (net(x_t, t, c, cm) if added is None else net(x_t, t, c, cm, added=added))[:, :x0.shape[1]]
         return F.mse_loss(out.float(), schedule.target(x0, eps, t).float())
-    _, eps_hat = denoise(net, schedule, x_t, t, c, cm)
+    _, eps_hat = denoise(net, schedule, x_t, t, c, cm, added)
     w = schedule.alpha_sigma(t, x0.ndim)[0]
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
 
@@ -222,14 +225,15 @@ def optimizer_step(opt, loss, grad_clip):
 def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, generator=None,
               autocast=contextlib.nullcontext, grad_clip=1.0, extra_loss=None):
     """One PG-SB iteration: the student's VSD update (steps 1-2), then cfg.lora_updates updates of the
-    LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask), texts.
+    LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask) or
+    (context, mask, added) (SDXL's pooled text and size ids, see denoise), texts.
     opts holds the 'student' and 'lora' optimizers; extra_loss(x0, prompts), if given, returns
     (weighted loss, unweighted value) added to the student's loss (SwiftBrush v2's CLIP loss).
     The LoRA teacher fits the samples the student drew for its update, or, with cfg.lora_fresh,
     each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples)."""
     z, cond, prompts = draw()
     with autocast():
-        x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
+        x0 = student_generate(student, schedule, z, cond[0], cond[1], cfg.student_t, *cond[2:])
         loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator)
         info = {'vsd': loss.detach()}
         if extra_loss is not None:
@@ -240,7 +244,7 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
         if cfg.lora_fresh:
             z, cond, _ = draw()
             with torch.no_grad(), autocast():
-                x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
+                x0 = student_generate(student, schedule, z, cond[0], cond[1], cfg.student_t, *cond[2:])
         with autocast():
             lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
         optimizer_step(opts['lora'], lora_loss, grad_clip)

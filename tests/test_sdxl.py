@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import convert  # noqa: E402
+from conftest import make_sdxl_text  # noqa: E402
 import model as M  # noqa: E402
 
 diffusers = pytest.importorskip('diffusers')
@@ -119,24 +120,12 @@ SDXL_SCHED = dict(beta_start=0.00085, beta_end=0.012, beta_schedule='scaled_line
                   prediction_type='epsilon', steps_offset=1, timestep_spacing='leading')
 
 
-def dual_text_folder(folder):
-    """text_encoder/ (CLIP, 32 wide) + text_encoder_2/ (CLIP with a 32-wide projection), two tokenizers."""
-    from conftest import make_clip_text, seeded
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
-    make_clip_text(folder)
-    cfg = CLIPTextConfig.from_pretrained(folder / 'text_encoder').to_dict()
-    cfg2 = CLIPTextConfig(**{**cfg, 'projection_dim': 32, 'architectures': None})
-    seeded(1, CLIPTextModelWithProjection, cfg2).save_pretrained(folder / 'text_encoder_2')
-    shutil.copytree(folder / 'tokenizer', folder / 'tokenizer_2')
-    return folder
-
-
 @pytest.fixture(scope='module')
 def sdxl_src(tmp_path_factory):
     """A diffusers StableDiffusionXLPipeline folder with seeded random weights."""
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
     folder = tmp_path_factory.mktemp('sdxl')
-    text = dual_text_folder(tmp_path_factory.mktemp('sdxl_text'))
+    text = make_sdxl_text(tmp_path_factory.mktemp('sdxl_text'))
     pipe = diffusers.StableDiffusionXLPipeline(
         vae=pooled_views(diffusers.AutoencoderKL, TINY_VAE, seed=3),
         text_encoder=CLIPTextModel.from_pretrained(text / 'text_encoder'),
