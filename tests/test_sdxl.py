@@ -212,6 +212,39 @@ def test_one_step_sdxl_presets_match_the_model_cards(preset, sdxl_src, tmp_path)
 
 
 @torch.no_grad()
+def test_sdxl_guidance_without_negative_prompt_uses_zeros_like_sdxl_base(sdxl_src, tmp_path):
+    """No negative prompt: the unconditional input is zeros (sequence and pooled), as SDXL base's
+    pipeline (force_zeros_for_empty_prompt=True) does, and our export says so. One guided step at
+    t = 999 against diffusers' pipeline on the exported folder (LCM with timesteps=[999] returns the
+    guided x0, our DDIM's single step)."""
+    import sample
+    assert run_convert(sdxl_src, tmp_path / 'ours') is None
+    assert run_convert(tmp_path / 'ours', tmp_path / 'back', '--to', 'diffusers') is None
+    pipe = M.load_checkpoint(tmp_path / 'ours')
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(tmp_path / 'back')
+    assert ref.config.force_zeros_for_empty_prompt is True
+    ref.scheduler = diffusers.LCMScheduler.from_config(ref.scheduler.config)
+    z = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = ref('a red circle', num_inference_steps=1, guidance_scale=3.0, latents=z, height=64, width=64,
+               timesteps=[999], output_type='pt').images
+    u, um, upooled = pipe.text_encoder.null()
+    assert not u.any() and not upooled.any() and u.shape == (1, pipe.text_encoder.max_length, 64) and upooled.shape == (1, 32)
+    c, cm, pooled = pipe.text_encoder.encode(['a red circle'])
+    x0 = sample.ddim(pipe.denoiser, pipe.schedule, z, (c, cm, M.sdxl_added(pooled, 64, 64)),
+                     (u, um, M.sdxl_added(upooled, 64, 64)), 1, 3.0)
+    err = rel_err((pipe.vae.decode(x0).clamp(-1, 1) + 1) / 2, want)
+    print(f"\nsdxl CFG 3 without negative prompt (zeros) vs diffusers: {err:.2e}")
+    assert err <= TOL
+    # sample.py's DDIM takes that null input: not the encoded empty prompt, which gives another image
+    gen = lambda neg: sample.generate(pipe, ['a red circle'], neg, steps=2, cfg=3.0, height=64, width=64)
+    x = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    two = sample.ddim(pipe.denoiser, pipe.schedule, x, (c, cm, M.sdxl_added(pooled, 64, 64)),
+                      (u, um, M.sdxl_added(upooled, 64, 64)), 2, 3.0)
+    assert torch.equal(gen(None), pipe.vae.decode(two).float().clamp(-1, 1))
+    assert (gen('') - gen(None)).abs().max() > 1e-3
+
+
+@torch.no_grad()
 def test_nasa_on_sdxl(sdxl_src, tmp_path):
     """Both encoders' negative states go through the pair, the pooled text stays the positive's:
     NASA at 0 is the plain image bit for bit, and a negative prompt changes it."""
