@@ -617,8 +617,10 @@ ONE_STEP = {
     'hyper_sdxl_1step': OneStep('sdxl', 'epsilon', 800),
     # PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512: num_inference_steps=1, guidance_scale=1, timesteps=[400].
     'pixart_alpha_dmd': OneStep('pixart_alpha_512', 'epsilon', 400),
-    # gnobitab/InstaFlow (RectifiedFlowPipeline): t = 1000 (1 - i / steps), latents += dt * v, dt = 1 / steps:
-    # in one step x0 = z + v(z, 1000).
+    # gnobitab/InstaFlow code/pipeline_rf.py (RectifiedFlowPipeline; diffusers' examples/community/
+    # instaflow_one_step.py, no pipeline in the package): t_i = 1000 (1 - i / steps), latents += dt * v with
+    # dt = 1 / steps, from the unscaled noise: t = 1000 is noise, v points to the data; in one step
+    # x0 = z + v(z, 1000) (model.NoiseSchedule.x0_eps, 'flow'; tests/test_one_step.py).
     'instaflow': OneStep('sd15', 'flow', 1000),
 }
 
