@@ -247,6 +247,11 @@ def up_block_types(attn_levels):
 
 
 def diffusers_unet_config(c):
+    last = c.depth(len(c.channels) - 1)
+    if c.mid_depth != last:  # UNet2DConditionModel builds its mid block with transformer_layers_per_block[-1]
+        raise ConversionError(f"this UNet's mid block has {c.mid_depth} transformer blocks and its last level {last}: "
+                              "diffusers' UNet2DConditionModel cannot express that (it gives the mid block the last "
+                              "level's depth); keep it as our checkpoint (--to ours)")
     return dict(UNET_FIXED, _class_name='UNet2DConditionModel', sample_size=c.sample_size,
                 in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=list(c.channels),
                 down_block_types=['CrossAttnDownBlock2D' if a else 'DownBlock2D' for a in c.attn_levels],

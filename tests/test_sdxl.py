@@ -275,6 +275,18 @@ def test_sdxl_bad_inputs_are_one_line(sdxl_src, tmp_path):
             assert what and str(e.code).startswith('sample.py: error:') and what in str(e.code), e.code
 
 
+def test_export_refuses_a_mid_depth_diffusers_cannot_express(tmp_path):
+    from dataclasses import replace
+    cfg = replace(M.PRESETS['tiny_sdxl'], mid_depth=3)  # the last level has 2
+    M.save_checkpoint(tmp_path / 'ours', M.build(cfg), M.PixelSpace(), M.NoiseSchedule(M.SCHEDULES['sd']))
+    err = run_convert(tmp_path / 'ours', tmp_path / 'back', '--to', 'diffusers', '--no-text')
+    assert err.startswith('convert.py: error:') and 'mid block has 3' in err and '--to ours' in err and '\n' not in err
+    assert not (tmp_path / 'back').exists()
+    M.save_checkpoint(tmp_path / 'ours', M.build(M.PRESETS['tiny_sdxl']), M.PixelSpace(),
+                      M.NoiseSchedule(M.SCHEDULES['sd']))  # the same UNet with the last level's depth exports
+    assert run_convert(tmp_path / 'ours', tmp_path / 'back', '--to', 'diffusers', '--no-text') is None
+
+
 def test_sdxl_single_file_key_map_matches_diffusers():
     """The real SDXL config: our map of the original UNet (label_emb, 1/2/10 transformer blocks) lands
     each tensor where diffusers' converter puts it; the architecture reads back off the shapes; bigG's
