@@ -301,7 +301,11 @@ def test_sdxl_single_file_key_map_matches_diffusers():
     assert shapes_of(ref) == shapes_of(want)
     ours = convert.gather(ldm, convert.ldm_unet_names(cfg), 'test')
     ref = {convert.to_ours(k): v for k, v in ref.items()}
-    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    # each numbered tensor is one value broadcast (its index): the value and the shape identify it,
+    # without reading 2.6e9 elements
+    ident = lambda v: (v.flatten()[0].item(), tuple(v.shape))
+    assert ours.keys() == ref.keys() and all(ident(ours[k]) == ident(ref[k]) for k in ref)
+    assert all(not v.stride() or max(v.stride()) == 0 for v in ldm.values())
     assert convert.infer_unet_config(ldm, 'test') == cfg
     prefix = 'conditioner.embedders.1.model.'
     oc = {k: torch.randn(s) for k, s in open_clip_layout(32, 3, 50, 8).items()}
