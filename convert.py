@@ -483,9 +483,11 @@ def ldm_vae_names(cfg):
     return {k: translate(k, p, LDM_VAE_INNER) for k in empty(cfg).state_dict()}
 
 
-def infer_unet_config(sd, source):
+def infer_unet_config(sd, source, pooled_dim=None):
     """A UNetConfig read off the original UNet's shapes (single files carry no config). Heads do not
-    show in shapes: SD1 (context 768) has 8 per level, SD2 (context 1024) 64 channels per head."""
+    show in shapes: SD1 (context 768) has 8 per level, SD2 (context 1024) 64 channels per head.
+    SDXL's added-embedding input is pooled_dim + 6 sinusoids: pooled_dim (the bigG projection's
+    width, where the file holds it) splits it; without it the ids are taken as SDXL's 256 wide."""
     try:
         ins = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('input_blocks.'))
         levels = 1 + sum(k.endswith('.0.op.weight') for k in sd)
@@ -498,8 +500,12 @@ def infer_unet_config(sd, source):
         depth = tuple(blocks(f'input_blocks.{b}.1.transformer_blocks.') if f'input_blocks.{b}.1.proj_in.weight' in sd
                       else 1 for b in first)
         extra = {}
-        if 'label_emb.0.0.weight' in sd:  # SDXL's text_time MLP: pooled text + 6 ids of 256 (its only layout)
-            extra = dict(addition_embed='text_time', pooled_dim=sd['label_emb.0.0.weight'].shape[1] - 6 * 256,
+        if 'label_emb.0.0.weight' in sd:  # SDXL's text_time MLP: pooled text + 6 ids (SDXL: 1280 + 6 x 256)
+            width = sd['label_emb.0.0.weight'].shape[1]
+            time_dim = 256 if pooled_dim is None else (width - pooled_dim) // 6
+            if time_dim <= 0 or width - 6 * time_dim <= 0 or pooled_dim is not None and (width - pooled_dim) % 6:
+                raise ValueError(f"label_emb takes {width} inputs, not a pooled text embedding and 6 size ids")
+            extra = dict(addition_embed='text_time', pooled_dim=width - 6 * time_dim, addition_time_dim=time_dim,
                          sample_size=128)
         return model.UNetConfig(
             transformer_depth=depth if len(set(depth)) > 1 else depth[0],
@@ -658,7 +664,9 @@ def sd_single_file_parts(sd, path, args, stage):
     other = sorted(k for k in sd if not k.startswith((*prefixes, 'model_ema.')) and k not in LDM_SCHEDULE_BUFFERS)
     if other:
         raise ConversionError(f"{path}: keys outside the UNet, VAE and text encoder: {key_report([], other)}")
-    cfg = preset(args, model.UNetConfig) or infer_unet_config(unet_sd, path)
+    projection = sd.get('conditioner.embedders.1.model.text_projection')  # SDXL's bigG: (width, pooled)
+    cfg = preset(args, model.UNetConfig) or infer_unet_config(unet_sd, path, None if projection is None
+                                                              else projection.shape[1])
     if ('label_emb.0.0.weight' in unet_sd) != (cfg.addition_embed is not None):
         what = 'an SDXL file (label_emb)' if 'label_emb.0.0.weight' in unet_sd else 'not an SDXL file (no label_emb)'
         raise ConversionError(f"{path} is {what} but --preset {args.preset} is "

@@ -12,6 +12,7 @@
 Run with -s to see the measured errors, time and memory.
 """
 import json
+from dataclasses import replace
 import resource
 import shutil
 import sys
@@ -275,8 +276,77 @@ def test_sdxl_bad_inputs_are_one_line(sdxl_src, tmp_path):
             assert what and str(e.code).startswith('sample.py: error:') and what in str(e.code), e.code
 
 
+def open_clip_from_transformers(state, layers):
+    """bigG in OpenCLIP's layout (the original SDXL file's conditioner.embedders.1.model), written
+    from a transformers CLIPTextModelWithProjection's state: q, k, v fused row-wise into in_proj,
+    the projection as the (width, proj) matrix applied as x @ P."""
+    sd = {'token_embedding.weight': state['text_model.embeddings.token_embedding.weight'],
+          'positional_embedding': state['text_model.embeddings.position_embedding.weight'],
+          'ln_final.weight': state['text_model.final_layer_norm.weight'],
+          'ln_final.bias': state['text_model.final_layer_norm.bias'],
+          'text_projection': state['text_projection.weight'].T.contiguous(), 'logit_scale': torch.tensor(4.6)}
+    for i in range(layers):
+        hf, oc = f'text_model.encoder.layers.{i}.', f'transformer.resblocks.{i}.'
+        for leaf in ('weight', 'bias'):
+            sd[f'{oc}attn.in_proj_{leaf}'] = torch.cat([state[f'{hf}self_attn.{x}_proj.{leaf}'] for x in 'qkv'])
+            for a, b in [('self_attn.out_proj', 'attn.out_proj'), ('layer_norm1', 'ln_1'), ('layer_norm2', 'ln_2'),
+                         ('mlp.fc1', 'mlp.c_fc'), ('mlp.fc2', 'mlp.c_proj')]:
+                sd[f'{oc}{b}.{leaf}'] = state[f'{hf}{a}.{leaf}']
+    return sd
+
+
+@torch.no_grad()
+def test_tiny_sdxl_single_file_end_to_end(sdxl_src, tmp_path):
+    """A whole tiny SDXL file in the original layout (UNet with label_emb, VAE, CLIP-L under
+    conditioner.embedders.0.transformer, bigG under conditioner.embedders.1.model), written from the
+    diffusers folder through diffusers' own LDM converters; `python convert.py FILE OUT` gives the
+    same networks as converting the folder, text encodings equal to diffusers' own, and sample.py
+    runs on it."""
+    from conftest import run_script
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import save_file
+    from test_convert import ldm_from_diffusers, ldm_unet_layout, ldm_vae_layout
+    unet = diffusers.UNet2DConditionModel.from_pretrained(sdxl_src / 'unet').state_dict()
+    vae = diffusers.AutoencoderKL.from_pretrained(sdxl_src / 'vae').state_dict()
+    sd = ldm_from_diffusers(ldm_unet_layout(M.PRESETS['tiny_sdxl']), unet,
+                            lambda d: convert_ldm_unet_checkpoint(d, TINY_SDXL_UNET), 'model.diffusion_model.')
+    sd.update(ldm_from_diffusers(ldm_vae_layout(M.PRESETS['tiny_vae']), vae,
+                                 lambda d: convert_ldm_vae_checkpoint(d, TINY_VAE), 'first_stage_model.'))
+    clip = convert.read_tensors(sdxl_src / 'text_encoder' / 'model.safetensors')
+    sd.update({'conditioner.embedders.0.transformer.' + k: v for k, v in clip.items()})
+    sd['conditioner.embedders.0.transformer.text_model.embeddings.position_ids'] = torch.arange(8)[None]
+    big = convert.read_tensors(sdxl_src / 'text_encoder_2' / 'model.safetensors')
+    layers = json.loads((sdxl_src / 'text_encoder_2' / 'config.json').read_text())['num_hidden_layers']
+    sd.update({'conditioner.embedders.1.model.' + k: v for k, v in open_clip_from_transformers(big, layers).items()})
+    sd = {k: v.contiguous() for k, v in sd.items()}
+    save_file(sd, str(tmp_path / 'tiny_sdxl.safetensors'))
+    # heads do not show in shapes (SD's rule gives 64 channels per head): the tiny one needs --preset
+    proc = run_script('convert.py', tmp_path / 'tiny_sdxl.safetensors', tmp_path / 'ours', '--text-encoder', sdxl_src,
+                      '--preset', 'tiny_sdxl')
+    assert proc.returncode == 0, proc.stderr
+    inferred = convert.infer_unet_config({k[len('model.diffusion_model.'):]: v for k, v in sd.items()
+                                          if k.startswith('model.diffusion_model.')}, 'test', pooled_dim=32)
+    assert inferred == replace(M.PRESETS['tiny_sdxl'], heads=(1, 1), sample_size=128)  # the split off bigG's width
+    assert run_convert(sdxl_src, tmp_path / 'from_folder') is None
+    for name in ('denoiser', 'vae'):
+        a, b = (convert.read_tensors(tmp_path / f / f'{name}.safetensors') for f in ('ours', 'from_folder'))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    pipe = M.load_checkpoint(tmp_path / 'ours')
+    assert pipe.denoiser.cfg == M.PRESETS['tiny_sdxl'] and pipe.vae.cfg.scaling_factor == 0.13025
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(sdxl_src)
+    emb, _, pooled, _ = ref.encode_prompt(['a red circle'], device='cpu', do_classifier_free_guidance=False)
+    c, _, p = pipe.text_encoder.encode(['a red circle'])
+    print(f"\nsdxl single file: text sequence {rel_err(c, emb):.2e}, pooled {rel_err(p, pooled):.2e}")
+    assert rel_err(c, emb) <= TOL and rel_err(p, pooled) <= TOL
+    import sample
+    sample.main(['--checkpoint', str(tmp_path / 'ours'), '--prompt', 'a red circle', '--negative-prompt', 'blue',
+                 '--n', '1', '--height', '64', '--width', '64', '--device', 'cpu', '--out', str(tmp_path / 'x.png')])
+    from PIL import Image
+    with Image.open(tmp_path / 'x.png') as im:
+        assert im.size == (64, 64)
+
+
 def test_export_refuses_a_mid_depth_diffusers_cannot_express(tmp_path):
-    from dataclasses import replace
     cfg = replace(M.PRESETS['tiny_sdxl'], mid_depth=3)  # the last level has 2
     M.save_checkpoint(tmp_path / 'ours', M.build(cfg), M.PixelSpace(), M.NoiseSchedule(M.SCHEDULES['sd']))
     err = run_convert(tmp_path / 'ours', tmp_path / 'back', '--to', 'diffusers', '--no-text')
