@@ -70,7 +70,14 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
     device, dtype = next(net.parameters()).device, next(net.parameters()).dtype
     h, w = latent_size(pipe, height, width)
     prompts = [p for p in prompts for _ in range(n)]
-    c, cm = pipe.text_encoder(prompts)
+    c, cm, pooled = pipe.text_encoder.encode(prompts)
+    size_ids = lambda pooled: None  # SDXL: the pooled text and the image size join the timestep
+    if getattr(net.cfg, 'addition_embed', None):
+        if pooled is None:
+            raise SampleError("this SDXL checkpoint has one text encoder: it needs text_encoder_2/ and tokenizer_2/ "
+                              "as well (convert it with --text-encoder DIR of an SDXL diffusers folder)")
+        down = 2 ** (len(pipe.vae.cfg.channels) - 1) if isinstance(pipe.vae, M.VAE) else 1
+        size_ids = lambda pooled: M.sdxl_added(pooled, h * down, w * down).to(dtype)
     g = torch.Generator(device).manual_seed(seed)
     if noise is None:
         x = torch.randn(len(prompts), net.cfg.in_channels, h, w, device=device, generator=g, dtype=dtype)
@@ -79,7 +86,7 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
     c = c.to(dtype)
     if steps == 1:
         use_nasa = negative is not None and nasa_scale > 0
-        if use_nasa:
+        if use_nasa:  # both prompts' states go through the pair; the pooled text stays the positive's
             u, um = pipe.text_encoder([negative])
             c, cm = nasa.pair(c, u.to(dtype), cm, um)
             try:
@@ -87,12 +94,14 @@ def generate(pipe, prompts, negative=None, nasa_scale=0.0, n=1, seed=0, height=N
             except ValueError as e:  # --nasa-layers names no cross-attention layer
                 raise SampleError(str(e)) from None
         try:
-            x = vsd.student_generate(net, schedule, x, c, cm, -1 if pipe.student_t is None else pipe.student_t)
+            x = vsd.student_generate(net, schedule, x, c, cm, -1 if pipe.student_t is None else pipe.student_t,
+                                     size_ids(pooled), pipe.student_noise)
         finally:
             nasa.disable(net)
     else:
-        u, um = pipe.text_encoder([negative or ''])
-        x = ddim(net, schedule, x, (c, cm), (u.to(dtype), um), steps, cfg)
+        # no negative prompt: the model's own unconditional input (SDXL: zeros, see TextEncoder.null)
+        u, um, upooled = pipe.text_encoder.encode([negative]) if negative is not None else pipe.text_encoder.null()
+        x = ddim(net, schedule, x, (c, cm, size_ids(pooled)), (u.to(dtype), um, size_ids(upooled)), steps, cfg)
     return pipe.vae.decode(x).float().clamp(-1, 1)
 
 

@@ -72,6 +72,10 @@ PRESETS = {  # the paper's hyperparameters (SNOOPI Table 6); command-line flags 
     # error 150-fold, so the student starts lower, as public one-step PixArt students do.
     'pixart_alpha_512': dict(steps=60000, batch_size=64, kappa_max=3.0, clip_weight=0.1, student_t=400,
                              val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
+    # SDXL base as the teacher (1024 px, its pooled text and size ids cached with the prompts). SNOOPI's
+    # Table 6 trains no SDXL student: these are its SD2.1 values, the teacher's CFG range being alike.
+    'sdxl': dict(steps=40000, batch_size=64, kappa_max=4.0, clip_weight=0.1,
+                 val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
     # The shapes student (README, "The shapes world"). The attention-only LoRA of the paper cannot
     # follow the student at 32x32, where this UNet has no attention: LoRA on the ResNet convolutions too.
     # The shipped student's recipe, SwiftBrush's LoRA loss included: it follows prompts (0.93) but draws
@@ -193,20 +197,25 @@ def read_prompts(path):
 
 
 def cache_prompts(text_encoder, prompts, path, batch=64):
-    """Encode `prompts` (and the null prompt) once; later runs read the file."""
+    """Encode `prompts` and the null prompt (TextEncoder.null) once; later runs read the file.
+    Returns (prompts, context, mask or None, pooled or None, (null, null mask or None, null pooled
+    or None)); the pooled text is SDXL's (its size ids are added by the caller, see sdxl_cond)."""
     if not path.is_file():
         long = text_encoder.too_long(prompts)
         if long:
             cli.warn('train.py', f"{len(long)} prompts are longer than the text encoder's {text_encoder.max_length} "
                                  f"tokens and are cut (the first: '{long[0][0][:40]}...', {long[0][1]} tokens)")
-        ctx, masks = [], []
+        ctx, masks, pooled = [], [], []
         for i in range(0, len(prompts), batch):
-            c, m = text_encoder(prompts[i:i + batch])
+            c, m, p = text_encoder.encode(prompts[i:i + batch])
             ctx.append(c.cpu())
             masks.append(m.cpu() if m is not None else torch.ones(c.shape[:2], dtype=torch.bool))
-        null, null_mask = text_encoder([''])
+            pooled += [p.cpu()] if p is not None else []
+        null, null_mask, null_pooled = text_encoder.null()
         tensors = {'context': torch.cat(ctx), 'mask': torch.cat(masks), 'null': null.cpu(),
                    'null_mask': (null_mask if null_mask is not None else torch.ones(null.shape[:2], dtype=torch.bool)).cpu()}
+        if pooled:
+            tensors.update(pooled=torch.cat(pooled), null_pooled=null_pooled.cpu())
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path) + '.tmp', metadata={'prompts': json.dumps(prompts), 'masked': str(text_encoder.is_t5)})
         os.replace(str(path) + '.tmp', path)
@@ -214,7 +223,17 @@ def cache_prompts(text_encoder, prompts, path, batch=64):
         masked = f.metadata()['masked'] == 'True'
         prompts = json.loads(f.metadata()['prompts'])
     t = load_file(str(path))
-    return prompts, t['context'], t['mask'] if masked else None, (t['null'], t['null_mask'] if masked else None)
+    return (prompts, t['context'], t['mask'] if masked else None, t.get('pooled'),
+            (t['null'], t['null_mask'] if masked else None, t.get('null_pooled')))
+
+
+def sdxl_cond(net, vae, pooled):
+    """SDXL's added conditioning for pooled text embeddings, the size ids those of the square image
+    the student draws (its sample_size latents, decoded); None for networks without it."""
+    if pooled is None or getattr(net.cfg, 'addition_embed', None) is None:
+        return None
+    size = net.cfg.sample_size * (2 ** (len(vae.cfg.channels) - 1) if isinstance(vae, M.VAE) else 1)
+    return M.sdxl_added(pooled, size, size)
 
 
 # -----------------------------------------------------------------------------
@@ -366,11 +385,11 @@ def tidy(out):
 def validation_grid(student, pipe, prompts, path, start_t, seed=0):
     """One image per prompt from fixed noise, written as a PNG row."""
     from sample import save_grid
-    c, m = pipe.text_encoder(prompts)
+    c, m, pooled = pipe.text_encoder.encode(prompts)
     cfg = student.cfg
     g = torch.Generator(c.device).manual_seed(seed)
     z = torch.randn(len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size, device=c.device, generator=g)
-    x0 = vsd.student_generate(student, pipe.schedule, z, c.to(z.dtype), m, start_t)
+    x0 = vsd.student_generate(student, pipe.schedule, z, c.to(z.dtype), m, start_t, sdxl_cond(student, pipe.vae, pooled))
     save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
 
 
@@ -438,8 +457,13 @@ def train(cfg, prompts, out, ddp, rank, world, device):
     student = M.load_checkpoint(cfg.teacher, device, text=False).denoiser.train()
     teacher = pipe.denoiser.requires_grad_(False)
     digest = hashlib.sha1(json.dumps([cfg.teacher, prompts]).encode()).hexdigest()[:12]
-    shard, ctx, ctx_mask, null = cache_prompts(pipe.text_encoder, prompts[rank::world],
-                                               out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
+    if getattr(teacher.cfg, 'addition_embed', None) and pipe.text_encoder.model_2 is None:
+        raise cli.UserError(f"{cfg.teacher} is an SDXL UNet with one text encoder: it needs text_encoder_2/ "
+                            "and tokenizer_2/ as well (convert it with --text-encoder DIR of an SDXL diffusers folder)")
+    shard, ctx, ctx_mask, pooled, null = cache_prompts(pipe.text_encoder, prompts[rank::world],
+                                                       out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
+    ctx_added = sdxl_cond(teacher, pipe.vae, pooled)  # SDXL: pooled text + size ids, per prompt
+    null = (*null[:2], sdxl_cond(teacher, pipe.vae, null[2]))
     val_prompts = (cfg.val_prompts or 'a red circle|a blue square').split('|')
     if rank != 0 or not cfg.val_every:
         pipe.text_encoder = None  # the text encoder (T5-XXL for PixArt) leaves memory once prompts are cached
@@ -479,7 +503,8 @@ def train(cfg, prompts, out, ddp, rank, world, device):
         idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
         z = torch.randn(B, student.cfg.in_channels, student.cfg.sample_size, student.cfg.sample_size,
                         device=device, generator=generator)
-        cond = (ctx[idx].to(device), ctx_mask[idx].to(device) if ctx_mask is not None else None)
+        cond = (ctx[idx].to(device), ctx_mask[idx].to(device) if ctx_mask is not None else None,
+                ctx_added[idx].to(device) if ctx_added is not None else None)
         return z, cond, [shard[i] for i in idx]
 
     # --- the loop: one PG-SB step (vsd.pgsb_step), then logging, validation grids, checkpoints

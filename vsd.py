@@ -86,20 +86,23 @@ def lora_disabled(model):
 # Denoiser helpers: the network is only a function; the schedule owns the parameterisation
 
 
-def denoise(net, schedule, x_t, t, context, mask=None):
-    """(x0, eps) predicted by `net` at x_t. PixArt's learned-sigma channels are dropped."""
-    out = net(x_t, t, context, mask)[:, :x_t.shape[1]]
+def denoise(net, schedule, x_t, t, context, mask=None, added=None):
+    """(x0, eps) predicted by `net` at x_t. PixArt's learned-sigma channels are dropped. added: SDXL's
+    pooled text and size/crop ids (model.sdxl_added), for the UNets that take them."""
+    out = (net(x_t, t, context, mask) if added is None else net(x_t, t, context, mask, added=added))[:, :x_t.shape[1]]
     return schedule.x0_eps(out, x_t, t)
 
 
 def guided_eps(net, schedule, x_t, t, cond, null, kappa):
     """Classifier-free guidance, eps_u + kappa (eps_c - eps_u), kappa per sample (B,).
-    cond/null are (context, mask) pairs; the two halves run as one batched forward."""
+    cond/null are (context, mask) or (context, mask, added) tuples (added: SDXL's, see denoise);
+    the two halves run as one batched forward."""
     B = x_t.shape[0]
-    (c, cm), (u, um) = cond, null
+    (c, cm, *ca), (u, um, *ua) = cond, null
     context = torch.cat([c, u.expand(B, *u.shape[1:])])
     mask = None if cm is None else torch.cat([cm, um.expand(B, *um.shape[1:])])
-    _, eps = denoise(net, schedule, x_t.repeat(2, 1, 1, 1), t.repeat(2), context, mask)
+    added = torch.cat([ca[0], ua[0].expand(B, -1)]) if ca and ca[0] is not None else None
+    _, eps = denoise(net, schedule, x_t.repeat(2, 1, 1, 1), t.repeat(2), context, mask, added)
     eps_c, eps_u = eps.chunk(2)
     return eps_u + kappa.view(-1, 1, 1, 1).to(eps.dtype) * (eps_c - eps_u)
 
@@ -145,10 +148,16 @@ def draw_kappa(cfg: VSDConfig, B, device, generator=None):
     return (kappa if rt else fixed), lora
 
 
-def student_generate(student, schedule, z, context, mask=None, start_t=-1):
-    """One-step generation: pure noise read as x_T at the start timestep, mapped to x0."""
-    t = torch.full((z.shape[0],), start_t % schedule.T, device=z.device, dtype=torch.long)
-    x0, _ = denoise(student, schedule, z, t, context, mask)
+def student_generate(student, schedule, z, context, mask=None, start_t=-1, added=None, noise='unit'):
+    """One-step generation: pure noise read as x_t at the start timestep (negative: counted from T;
+    a rectified-flow network starts at T itself), mapped to x0. noise='sigma': x_t = sigma_t z, as
+    diffusers' Euler schedulers with trailing spacing start (their initial noise is sigma_max, not
+    sqrt(sigma_max^2 + 1), in their variance-exploding units)."""
+    start_t = start_t + schedule.T if start_t < 0 else start_t
+    t = torch.full((z.shape[0],), start_t, device=z.device, dtype=torch.long)
+    if noise == 'sigma':
+        z = z * schedule.alpha_sigma(t, z.ndim)[1].to(z.dtype)
+    x0, _ = denoise(student, schedule, z, t, context, mask, added)
     return x0
 
 
@@ -202,14 +211,17 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, loss='native', gene
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     drop = torch.rand(B, device=x0.device, generator=generator) < null_prob
-    (c, cm), (u, um) = cond, null
+    (c, cm, *ca), (u, um, *ua) = cond, null
     c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
     cm = None if cm is None else torch.where(drop.view(-1, 1), um.expand_as(cm), cm)
+    added = ca[0] if ca and ca[0] is not None else None  # SDXL: the pooled text is dropped with the sequence
+    if added is not None:
+        added = torch.where(drop.view(-1, 1), ua[0].expand_as(added), added)
     x_t = schedule.add_noise(x0, eps, t)
     if loss == 'native':
-        out = net(x_t, t, c, cm)[:, :x0.shape[1]]
+        out = (net(x_t, t, c, cm) if added is None else net(x_t, t, c, cm, added=added))[:, :x0.shape[1]]
         return F.mse_loss(out.float(), schedule.target(x0, eps, t).float())
-    _, eps_hat = denoise(net, schedule, x_t, t, c, cm)
+    _, eps_hat = denoise(net, schedule, x_t, t, c, cm, added)
     w = schedule.alpha_sigma(t, x0.ndim)[0]
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
 
@@ -226,14 +238,15 @@ def optimizer_step(opt, loss, grad_clip):
 def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, generator=None,
               autocast=contextlib.nullcontext, grad_clip=1.0, extra_loss=None):
     """One PG-SB iteration: the student's VSD update (steps 1-2), then cfg.lora_updates updates of the
-    LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask), texts.
+    LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask) or
+    (context, mask, added) (SDXL's pooled text and size ids, see denoise), texts.
     opts holds the 'student' and 'lora' optimizers; extra_loss(x0, prompts), if given, returns
     (weighted loss, unweighted value) added to the student's loss (SwiftBrush v2's CLIP loss).
     The LoRA teacher fits the samples the student drew for its update, or, with cfg.lora_fresh,
     each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples)."""
     z, cond, prompts = draw()
     with autocast():
-        x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
+        x0 = student_generate(student, schedule, z, cond[0], cond[1], cfg.student_t, *cond[2:])
         loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator)
         info = {'vsd': loss.detach()}
         if extra_loss is not None:
@@ -244,7 +257,7 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
         if cfg.lora_fresh:
             z, cond, _ = draw()
             with torch.no_grad(), autocast():
-                x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
+                x0 = student_generate(student, schedule, z, cond[0], cond[1], cfg.student_t, *cond[2:])
         with autocast():
             lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
         optimizer_step(opts['lora'], lora_loss, grad_clip)

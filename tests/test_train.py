@@ -123,6 +123,26 @@ def test_pg_sb_steps_on_the_tiny_dit(dit_teacher, prompt_file, tmp_path):
     assert im.size == (2 * 40, 24)
 
 
+def test_pg_sb_steps_on_a_tiny_sdxl(sdxl_teacher, prompt_file, tmp_path):
+    """The sdxl preset on tiny_sdxl: the pooled text is cached with the prompts, the null prompt is
+    SDXL's zeros, the size ids reach the UNet (which refuses to run without them), in train.py's main."""
+    out = tmp_path / 'sdxl_run'
+    train.main([str(a) for a in train_args(sdxl_teacher, prompt_file, out, 2, '--preset', 'sdxl',
+                                           '--lora-rank', 4, '--val-every', 2)])
+    check_log(read_log(out), 2, 2, (0.5, 4.0))  # the preset's kappa range
+    assert (out / 'val' / 'step-0000002.png').is_file()
+    cache = load_file(str(next((out / 'prompt_cache').iterdir())))
+    assert cache['pooled'].shape == (len(PROMPTS), 32) and cache['context'].shape[-1] == 64
+    assert not cache['null'].any() and not cache['null_pooled'].any()
+    pipe = M.load_checkpoint(out / 'student')
+    assert pipe.denoiser.cfg == M.PRESETS['tiny_sdxl'] and pipe.student_t == 999
+    assert pipe.text_encoder.model_2 is not None
+    teacher = M.load_checkpoint(sdxl_teacher, text=False).denoiser
+    assert differs(pipe.denoiser.state_dict(), teacher.state_dict())
+    im = sample_from(out / 'student', tmp_path)
+    assert im.size == (2 * 32, 32) and im.mode == 'RGB'
+
+
 def test_two_ranks_under_torchrun_stay_identical(unet_teacher, prompt_file, tmp_path):
     out = tmp_path / 'ddp_run'
     launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
