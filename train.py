@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -116,7 +117,8 @@ RANGES = {
     'save_every': dict(low=1), 'keep': dict(low=1), 'log_every': dict(low=1), 'val_every': dict(low=0),
     'seed': dict(low=0, high=2 ** 31 - 1), 'kappa_min': dict(low=0), 'kappa_fixed': dict(low=0), 'lora_kappa': dict(low=0), 't_min': dict(low=0),
     'null_prob': dict(low=0, high=1), 'lora_updates': dict(low=1), 'clip_weight': dict(low=0),
-    'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0),
+    'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'regression_weight': dict(low=0),
+    'regression_pairs': dict(low=1), 'regression_steps': dict(low=1), 'regression_cfg': dict(low=0),
 }
 
 
@@ -393,6 +395,30 @@ def validation_grid(student, pipe, prompts, path, start_t, seed=0):
     save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
 
 
+@torch.no_grad()
+def teacher_pairs(teacher, schedule, ctx, ctx_mask, ctx_added, null, cfg, rank, path, batch=64):
+    """DMD's regression pairs: noises z and the teacher's DDIM images x0 from them (with guidance), on
+    prompts drawn from this rank's shard; written once to `path` and read back on resume."""
+    if path.is_file():
+        tensors = load_file(str(path))
+        return {k: tensors.get(k) for k in ('z', 'x0', 'context', 'mask', 'added')}
+    from sample import ddim
+    g = torch.Generator().manual_seed(10_000 + cfg.seed * 1000 + rank)
+    idx = torch.randint(len(ctx), (cfg.regression_pairs,), generator=g)
+    c = teacher.cfg
+    z = torch.randn(cfg.regression_pairs, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    pick = lambda x: None if x is None else x[idx]
+    pairs = {'z': z, 'context': ctx[idx], 'mask': pick(ctx_mask), 'added': pick(ctx_added)}
+    device, x0 = null[0].device, []
+    for i in tqdm(range(0, len(z), batch), desc='teacher pairs', disable=rank != 0):
+        cond = tuple(None if v is None else v[i:i + batch].to(device) for v in (pairs['context'], pairs['mask'], pairs['added']))
+        x0.append(ddim(teacher, schedule, z[i:i + batch].to(device), cond, null, cfg.regression_steps, cfg.regression_cfg).cpu())
+    pairs['x0'] = torch.cat(x0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in pairs.items() if v is not None}, str(path))
+    return pairs
+
+
 def lr_factor(schedule, step, steps, warmup=None):
     """Multiplier of the base learning rate at a step: a linear warm-up over `warmup` steps (cosine's
     default: the first 2%), then 1 (constant) or a cosine decay to zero (cosine)."""
@@ -468,6 +494,11 @@ def train(cfg, prompts, out, ddp, rank, world, device):
     if rank != 0 or not cfg.val_every:
         pipe.text_encoder = None  # the text encoder (T5-XXL for PixArt) leaves memory once prompts are cached
     null = tuple(x.to(device) if x is not None else None for x in null)
+    pairs = None
+    if cfg.regression_weight > 0:  # before the adapters: the frozen teacher draws them
+        pairs = teacher_pairs(teacher, pipe.schedule, ctx, ctx_mask, ctx_added, null, cfg, rank,
+                              out / 'prompt_cache' / f'{digest}-pairs-{cfg.regression_pairs}-{cfg.regression_steps}-'
+                              f'{cfg.regression_cfg:g}-{cfg.seed}-{rank}-of-{world}.safetensors')
     try:
         lora_params = vsd.add_lora(teacher, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(',')))
     except ValueError as e:
@@ -493,10 +524,22 @@ def train(cfg, prompts, out, ddp, rank, world, device):
     teacher_ddp = DDP(teacher) if ddp else teacher
     clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip and cfg.clip_weight > 0 else None
 
-    def clip_term(x0, texts):
-        """SwiftBrush v2's clamped CLIP loss, through the decoder, its weight ramped up over --clip-warmup."""
-        value = clip_loss(pipe.vae.decode(x0), texts)
-        return cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1)) * value, value.detach()
+    def extra_terms(x0, texts):
+        """SwiftBrush v2's clamped CLIP loss, through the decoder, its weight ramped up over --clip-warmup;
+        DMD's regression onto the teacher's pairs (the same noise, the same prompt)."""
+        term, values = 0.0, {}
+        if clip_loss is not None:
+            value = clip_loss(pipe.vae.decode(x0), texts)
+            term, values['clip'] = cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1)) * value, value.detach()
+        if pairs is not None:
+            idx = torch.randint(len(pairs['z']), (B,), generator=generator, device=device).cpu()
+            cond = tuple(None if pairs[k] is None else pairs[k][idx].to(device) for k in ('context', 'mask', 'added'))
+            # the raw module: the step's one DDP forward is the VSD sample's; one backward syncs both
+            x0_student = vsd.student_generate(student, pipe.schedule, pairs['z'][idx].to(device), *cond[:2],
+                                              cfg.student_t, cond[2])
+            value = F.mse_loss(x0_student.float(), pairs['x0'][idx].to(device).float())
+            term, values['regression'] = term + cfg.regression_weight * value, value.detach()
+        return term, values
 
     def draw():
         """A batch of the student's noise and of this rank's prompts."""
@@ -516,7 +559,7 @@ def train(cfg, prompts, out, ddp, rank, world, device):
         opts['student'].param_groups[0]['lr'] = cfg.lr_student * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup or None)
         opts['lora'].param_groups[0]['lr'] = cfg.lr_lora * lr_factor(cfg.lr_schedule, step, cfg.steps)
         info, kappa = vsd.pgsb_step(student_ddp, teacher_ddp, pipe.schedule, opts, draw, null, cfg, generator,
-                                    autocast, cfg.grad_clip, clip_term if clip_loss else None)
+                                    autocast, cfg.grad_clip, extra_terms if clip_loss or pairs else None)
         if ema is not None:
             lerp_ema(ema, student, cfg.ema, step)
         step += 1

@@ -133,6 +133,10 @@ class VSDConfig:
     clip_weight: float = option(0.0, 'SwiftBrush v2 clamped CLIP loss weight (needs --clip)')
     clip_tau: float = option(0.37, 'the clamped CLIP loss stops pushing above this cosine similarity')
     clip_warmup: int = option(0, 'steps over which the CLIP loss weight ramps up linearly from 0')
+    regression_weight: float = option(0.0, "weight of DMD's regression term: the student's image from a noise against the teacher's DDIM image from the same noise (0: off)")
+    regression_pairs: int = option(512, 'teacher (noise, image) pairs drawn once per rank for the regression term')
+    regression_steps: int = option(25, "DDIM steps of the teacher's pairs")
+    regression_cfg: float = option(3.0, "guidance scale of the teacher's pairs")
 
 
 RANDOM_KAPPA = {'both': (True, True), 'teacher': (True, False), 'lora': (False, True), 'none': (False, False)}
@@ -241,7 +245,8 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
     LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask) or
     (context, mask, added) (SDXL's pooled text and size ids, see denoise), texts.
     opts holds the 'student' and 'lora' optimizers; extra_loss(x0, prompts), if given, returns
-    (weighted loss, unweighted value) added to the student's loss (SwiftBrush v2's CLIP loss).
+    (weighted loss, {name: unweighted value}): a term added to the student's loss (SwiftBrush v2's
+    CLIP loss, the teacher-pair regression) and what to log of it.
     The LoRA teacher fits the samples the student drew for its update, or, with cfg.lora_fresh,
     each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples)."""
     z, cond, prompts = draw()
@@ -250,7 +255,8 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
         loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator)
         info = {'vsd': loss.detach()}
         if extra_loss is not None:
-            term, info['clip'] = extra_loss(x0, prompts)
+            term, values = extra_loss(x0, prompts)
+            info.update(values)
             loss = loss + term
     optimizer_step(opts['student'], loss, grad_clip)
     for _ in range(cfg.lora_updates):
