@@ -90,6 +90,11 @@ def sample_cases(tmp, teacher, broken):
         ('negative nasa scale', [*ok, '--negative-prompt', 'red', '--nasa-scale', -0.5], '--nasa-scale must be at least 0'),
         ('nan nasa scale', [*ok, '--negative-prompt', 'red', '--nasa-scale', 'nan'], '--nasa-scale must be at least 0, got nan'),
         ('unknown nasa layer', [*ok, '--negative-prompt', 'red', '--nasa-layers', 'nope'], 'no cross-attention layer'),
+        ('unknown guidance', [*ok, '--negative-prompt', 'red', '--guidance', 'cfg'], "--guidance must be one of nasa, nag, got 'cfg'"),
+        ('nag tau zero', [*ok, '--negative-prompt', 'red', '--guidance', 'nag', '--nag-tau', 0], '--nag-tau must be above 0, got 0.0'),
+        ('nag tau negative', [*ok, '--negative-prompt', 'red', '--guidance', 'nag', '--nag-tau', -1], '--nag-tau must be above 0'),
+        ('nag scale under 1', [*ok, '--negative-prompt', 'red', '--guidance', 'nag', '--nag-scale', 0.5], '--nag-scale must be at least 1'),
+        ('nag flag with nasa', [*ok, '--negative-prompt', 'red', '--nag-tau', 2], '--nag-tau applies to --guidance nag'),
         ('zero images', [*ok, '--n', 0], '--n must be at least 1, got 0'),
         ('zero steps', [*ok, '--steps', 0], '--steps must be at least 1, got 0'),
         ('negative seed', [*ok, '--seed', -1], '--seed must be at least 0'),
@@ -103,7 +108,8 @@ SAMPLE_CASES = [
     'truncated weights', 'not safetensors', 'empty weights', 'wrong architecture', 'wrong text width',
     'non-finite weights', 'bad schedule.json', 'missing checkpoint', 'no cuda', 'not a device', 'out under a file',
     'out not an image', 'out over the checkpoint', 'cfg with one step', 'nasa layers, no negative',
-    'nasa scale, no negative', 'negative nasa scale', 'nan nasa scale', 'unknown nasa layer', 'zero images',
+    'nasa scale, no negative', 'negative nasa scale', 'nan nasa scale', 'unknown nasa layer', 'unknown guidance',
+    'nag tau zero', 'nag tau negative', 'nag scale under 1', 'nag flag with nasa', 'zero images',
     'zero steps', 'negative seed', 'size', 'empty prompt file', 'missing prompt file']
 
 
