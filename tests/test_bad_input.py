@@ -160,6 +160,14 @@ def train_cases(tmp, teacher, prompts, broken):
         ('missing teacher', [*args(), '--teacher', tmp / 'nowhere'], 'not found'),
         ('truncated teacher', [*args(), '--teacher', broken['truncated']], 'a truncated safetensors file'),
         ('empty prompt file', [*args(), '--prompts', tmp / 'empty.txt'], 'holds no prompts'),
+        ('missing negative prompt file', [*args(), '--nasa-train', '--negative-prompts', tmp / 'none.txt'],
+         f"negative prompt file {tmp / 'none.txt'} not found (pass --negative-prompts FILE"),
+        ('empty negative prompt file', [*args(), '--nasa-train', '--negative-prompts', tmp / 'empty.txt'],
+         'holds no negative prompts (one per line)'),
+        ('nasa-train without negatives', [*args(), '--nasa-train'], '--nasa-train needs --negative-prompts FILE'),
+        ('negatives without nasa-train', [*args(), '--negative-prompts', tmp / 'empty.txt'],
+         '--negative-prompts applies to --nasa-train'),
+        ('negative nasa alpha max', [*args(), '--nasa-alpha-max', -1], '--nasa-alpha-max must be at least 0'),
     ]
 
 
@@ -167,7 +175,9 @@ TRAIN_CASES = [
     'batch size 0', 'steps 0', 'negative steps', 'nan learning rate', 'inf lora alpha', 'ema of 1',
     'kappa range upside down', 't_max beyond the schedule', 'student_t beyond the schedule', 'unknown lr schedule',
     'no cuda', 'out is a file', 'out under a file', 'out is the teacher', 'resume with nothing',
-    'checkpoints without resume', 'missing teacher', 'truncated teacher', 'empty prompt file']
+    'checkpoints without resume', 'missing teacher', 'truncated teacher', 'empty prompt file',
+    'missing negative prompt file', 'empty negative prompt file', 'nasa-train without negatives',
+    'negatives without nasa-train', 'negative nasa alpha max']
 
 
 @pytest.mark.parametrize('case', TRAIN_CASES)
