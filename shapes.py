@@ -849,7 +849,7 @@ def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3,
     schedule = M.NoiseSchedule(M.Schedule(prediction_type=prediction_type)).to(device)
     prompts = world_captions() + [""]
     digest = hashlib.sha1(json.dumps([str(text_encoder), prompts]).encode()).hexdigest()[:12]
-    prompts, ctx, _, null = cache_prompts(M.TextEncoder(text_encoder).to(device), prompts,
+    prompts, ctx, _, _, null = cache_prompts(M.TextEncoder(text_encoder).to(device), prompts,
                                           out / "prompt_cache" / f"{digest}-0-of-1.safetensors")
     null = (null[0].to(device), None)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
