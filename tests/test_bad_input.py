@@ -254,6 +254,8 @@ def test_shapes_bad_input(tmp_path):
         (['curve', tmp_path / 'empty_run'], 'empty_run', 'holds no checkpoints/step-N'),
         (['curve', tmp_path / 'nowhere'], 'a run', 'not found'),
         (['train-teacher', '--steps', 0, '--out', tmp_path / 't'], '--steps', 'must be at least 1'),
+        (['train-teacher', '--arch', 'tiny_dit', '--out', tmp_path / 't'], '--arch', 'must be one of shapes, shapes_dit'),
+        (['negatives', tmp_path / 'a_file' / 'n.txt'], 'OUT', 'is a file, not a folder'),
         (['train-teacher', '--lr', 'nan', '--out', tmp_path / 't'], '--lr', 'must be above 0, got nan'),
         (['train-teacher', '--out', tmp_path / 'a_file'], '--out', 'is a file'),
         (['train-teacher', '--resume', '--out', tmp_path / 't'], '--resume', 'holds no checkpoint'),
