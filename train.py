@@ -476,7 +476,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     if negatives:  # NASA-T: the negatives cached beside the prompts, each rank a shard (all ranks one, if few)
         digest_neg = hashlib.sha1(json.dumps([cfg.teacher, negatives]).encode()).hexdigest()[:12]
         neg_shard, neg_ctx, neg_mask, neg_pooled, _ = cache_prompts(
-            pipe.text_encoder, negatives[rank % len(negatives)::world],
+            pipe.text_encoder, negatives[rank::world] if len(negatives) >= world else negatives,
             out / 'prompt_cache' / f'{digest_neg}-negatives-{rank}-of-{world}.safetensors')
         neg_added = sdxl_cond(teacher, pipe.vae, neg_pooled)
     val_prompts = (cfg.val_prompts or 'a red circle|a blue square').split('|')
