@@ -473,7 +473,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
                                                        out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
     ctx_added = sdxl_cond(teacher, pipe.vae, pooled)  # SDXL: pooled text + size ids, per prompt
     null = (*null[:2], sdxl_cond(teacher, pipe.vae, null[2]))
-    if negatives:  # NASA-T: the negatives cached beside the prompts, each rank a shard (all ranks one, if few)
+    if negatives:  # NASA-T: the negatives cached beside the prompts, each rank a shard (each the whole list, if few)
         digest_neg = hashlib.sha1(json.dumps([cfg.teacher, negatives]).encode()).hexdigest()[:12]
         neg_shard, neg_ctx, neg_mask, neg_pooled, _ = cache_prompts(
             pipe.text_encoder, negatives[rank::world] if len(negatives) >= world else negatives,
