@@ -38,6 +38,9 @@ from vsd import option
 class TrainConfig(vsd.VSDConfig):
     teacher: str = option('', 'teacher checkpoint folder (convert.py output); the student starts as its copy')
     prompts: str = option('', 'text file, one prompt per line')
+    nasa_train: bool = option(False, "NASA-T (SNOOPI v3): the student generates with NASA against a negative prompt per sample, at alpha ~ U(0, nasa_alpha_max) drawn each iteration; the frozen teacher's CFG puts the negative in the unconditional slot; the LoRA teacher gets none")
+    negative_prompts: str = option('', 'for --nasa-train: text file, one negative prompt per line; each rank draws its own per sample')
+    nasa_alpha_max: float = option(1.0, "for --nasa-train: the upper end of the student's NASA scale (SNOOPI v3: 1)")
     out: str = option('runs/shapes', 'output folder: checkpoints, log.jsonl, validation grids, student/')
     steps: int = option(2000, 'training steps')
     batch_size: int = option(32, 'global batch size, split over the ranks')
@@ -117,8 +120,9 @@ RANGES = {
     'save_every': dict(low=1), 'keep': dict(low=1), 'log_every': dict(low=1), 'val_every': dict(low=0),
     'seed': dict(low=0, high=2 ** 31 - 1), 'kappa_min': dict(low=0), 'kappa_fixed': dict(low=0), 'lora_kappa': dict(low=0), 't_min': dict(low=0),
     'null_prob': dict(low=0, high=1), 'lora_updates': dict(low=1), 'clip_weight': dict(low=0),
-    'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'regression_weight': dict(low=0),
-    'regression_pairs': dict(low=1), 'regression_steps': dict(low=1), 'regression_cfg': dict(low=0),
+    'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'nasa_alpha_max': dict(low=0),
+    'regression_weight': dict(low=0), 'regression_pairs': dict(low=1), 'regression_steps': dict(low=1),
+    'regression_cfg': dict(low=0),
 }
 
 
@@ -136,6 +140,10 @@ def check_config(cfg):
             raise cli.UserError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     cli.number('--kappa-max', cfg.kappa_max, low=cfg.kappa_min, fix='kappa is drawn from [kappa_min, kappa_max]')
     cli.number('--t-max', cfg.t_max, low=cfg.t_min, fix='VSD draws t from [t_min, t_max]')
+    if cfg.nasa_train and not cfg.negative_prompts:
+        raise cli.UserError("--nasa-train needs --negative-prompts FILE (one negative prompt per line)")
+    if cfg.negative_prompts and not cfg.nasa_train:
+        raise cli.UserError("--negative-prompts applies to --nasa-train (pass --nasa-train, or drop --negative-prompts)")
     if cfg.clip_weight > 0 and not cfg.clip:
         cli.warn('train.py', f"--clip-weight {cfg.clip_weight} without --clip: no CLIP loss (pass --clip DIR for it)")
     if cfg.device:
@@ -185,16 +193,16 @@ def ranks_agree(tensors, device):
 # Prompts: encoded once, cached as safetensors, each rank its own shard
 
 
-def read_prompts(path):
+def read_prompts(path, flag='--prompts', what='prompt'):
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise cli.UserError(f"prompt file {path} not found (pass --prompts FILE, one prompt per line)") from None
+        raise cli.UserError(f"{what} file {path} not found (pass {flag} FILE, one {what} per line)") from None
     except (UnicodeDecodeError, IsADirectoryError):
-        raise cli.UserError(f"prompt file {path} is not a text file (pass a UTF-8 file, one prompt per line)") from None
+        raise cli.UserError(f"{what} file {path} is not a text file (pass a UTF-8 file, one {what} per line)") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise cli.UserError(f"prompt file {path} holds no prompts (one per line)")
+        raise cli.UserError(f"{what} file {path} holds no {what}s (one per line)")
     return prompts
 
 
@@ -447,8 +455,10 @@ def main(argv=None):
     if not cfg.prompts:
         raise cli.UserError("--prompts FILE is required (one prompt per line)")
     prompts = read_prompts(cfg.prompts)  # before the slow loads
+    negatives = read_prompts(cfg.negative_prompts, '--negative-prompts', 'negative prompt') if cfg.nasa_train else None
     out = Path(cfg.out)
-    cli.not_an_input('--out', out, [('the teacher', cfg.teacher), ('the prompt file', cfg.prompts)])
+    cli.not_an_input('--out', out, [('the teacher', cfg.teacher), ('the prompt file', cfg.prompts),
+                                    ('the negative prompt file', cfg.negative_prompts)])
     ddp, rank, world, device = setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise cli.UserError(f"--batch-size {cfg.batch_size} does not split over {world} ranks (pass a multiple of {world})")
@@ -462,13 +472,13 @@ def main(argv=None):
                             "or another --out)")
     lock_path = lock(out) if rank == 0 else None
     try:
-        train(cfg, prompts, out, ddp, rank, world, device)
+        train(cfg, prompts, out, ddp, rank, world, device, negatives)
     finally:
         if lock_path:
             unlock(lock_path)
 
 
-def train(cfg, prompts, out, ddp, rank, world, device):
+def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     if rank == 0:
         tidy(out)
     B = cfg.batch_size // world
@@ -490,6 +500,12 @@ def train(cfg, prompts, out, ddp, rank, world, device):
                                                        out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
     ctx_added = sdxl_cond(teacher, pipe.vae, pooled)  # SDXL: pooled text + size ids, per prompt
     null = (*null[:2], sdxl_cond(teacher, pipe.vae, null[2]))
+    if negatives:  # NASA-T: the negatives cached beside the prompts, each rank a shard (each the whole list, if few)
+        digest_neg = hashlib.sha1(json.dumps([cfg.teacher, negatives]).encode()).hexdigest()[:12]
+        neg_shard, neg_ctx, neg_mask, neg_pooled, _ = cache_prompts(
+            pipe.text_encoder, negatives[rank::world] if len(negatives) >= world else negatives,
+            out / 'prompt_cache' / f'{digest_neg}-negatives-{rank}-of-{world}.safetensors')
+        neg_added = sdxl_cond(teacher, pipe.vae, neg_pooled)
     val_prompts = (cfg.val_prompts or 'a red circle|a blue square').split('|')
     if rank != 0 or not cfg.val_every:
         pipe.text_encoder = None  # the text encoder (T5-XXL for PixArt) leaves memory once prompts are cached
@@ -542,13 +558,20 @@ def train(cfg, prompts, out, ddp, rank, world, device):
         return term, values
 
     def draw():
-        """A batch of the student's noise and of this rank's prompts."""
+        """A batch of the student's noise and of this rank's prompts (NASA-T: and negatives, see vsd.pgsb_step)."""
         idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
         z = torch.randn(B, student.cfg.in_channels, student.cfg.sample_size, student.cfg.sample_size,
                         device=device, generator=generator)
         cond = (ctx[idx].to(device), ctx_mask[idx].to(device) if ctx_mask is not None else None,
                 ctx_added[idx].to(device) if ctx_added is not None else None)
-        return z, cond, [shard[i] for i in idx]
+        if not negatives:
+            return z, cond, [shard[i] for i in idx]
+        # NASA-T: a negative prompt per sample from this rank's own draw, and this iteration's NASA scale
+        nidx = torch.randint(len(neg_shard), (B,), generator=generator, device=device).cpu()
+        negative = (neg_ctx[nidx].to(device), neg_mask[nidx].to(device) if neg_mask is not None else None,
+                    neg_added[nidx].to(device) if neg_added is not None else None)
+        alpha = cfg.nasa_alpha_max * torch.rand((), generator=generator, device=device).item()
+        return z, cond, [shard[i] for i in idx], negative, alpha
 
     # --- the loop: one PG-SB step (vsd.pgsb_step), then logging, validation grids, checkpoints
     log = open(out / 'log.jsonl', 'a') if rank == 0 else None

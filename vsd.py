@@ -15,6 +15,11 @@ One step, per batch of text states c (and the null prompt's c0):
 pgsb_step runs the three; train.py and bench.py both call it.
 The frozen and LoRA teachers share one copy of the base weights: the frozen teacher is the LoRA
 teacher with its adapters switched off.
+
+NASA-T (SNOOPI v3, NASA in distillation), when a batch carries negative prompts y-: the student
+generates with NASA (nasa.py) at a scale alpha ~ U(0, 1) drawn each iteration; the frozen teacher's
+guidance puts y- in the unconditional slot, (1 - kappa) eps(x_t, y-) + kappa eps(x_t, y); the LoRA
+teacher gets no negative prompt, in its guided eps or its denoising loss.
 """
 import contextlib
 import math
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import nasa
 
 # -----------------------------------------------------------------------------
 # LoRA adapters
@@ -165,8 +172,27 @@ def student_generate(student, schedule, z, context, mask=None, start_t=-1, added
     return x0
 
 
-def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
-    """The student's VSD loss on its samples x0 (gradient flows into x0 only), and the kappa drawn."""
+def nasa_student_generate(student, schedule, z, cond, negative, alpha, start_t=-1, noise='unit'):
+    """student_generate with NASA at scale alpha (NASA-T's student): the positive prompts cond and the
+    negative ones, (context, mask) each per sample, go in as nasa.pair; SDXL's pooled text stays the
+    positive's. alpha 0 is plain attention (nasa.NASA), so the pair is skipped: the student, its
+    gradients included, is then the plain one to the bit (the DiT's caption projection would
+    otherwise sum its weight gradient over the negative's zero-gradient rows as well, in another
+    order)."""
+    if alpha == 0:
+        return student_generate(student, schedule, z, cond[0], cond[1], start_t, *cond[2:], noise=noise)
+    context, mask = nasa.pair(cond[0], negative[0], cond[1], negative[1])
+    nasa.enable(student, alpha)
+    try:
+        return student_generate(student, schedule, z, context, mask, start_t, *cond[2:], noise=noise)
+    finally:
+        nasa.disable(student)
+
+
+def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None, negative=None):
+    """The student's VSD loss on its samples x0 (gradient flows into x0 only), and the kappa drawn.
+    negative: NASA-T's negative prompts, in the frozen teacher's unconditional slot in place of null
+    (the same tuple form as cond, one per sample); the LoRA teacher keeps null."""
     B = x0.shape[0]
     t = torch.randint(cfg.t_min, cfg.t_max + 1, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -174,7 +200,8 @@ def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
     kappa_teacher, kappa_lora = draw_kappa(cfg, B, x0.device, generator)
     with torch.no_grad():
         with lora_disabled(teacher):
-            eps_teacher = guided_eps(teacher, schedule, x_t, t, cond, null, kappa_teacher)
+            eps_teacher = guided_eps(teacher, schedule, x_t, t, cond, null if negative is None else negative,
+                                     kappa_teacher)
         if cfg.lora_kappa == 1:  # unguided: the conditional half alone
             eps_lora = denoise(teacher, schedule, x_t, t, *cond)[1]
         else:
@@ -239,21 +266,39 @@ def optimizer_step(opt, loss, grad_clip):
     opt.step()
 
 
+def unpack(batch):
+    """(z, cond, prompts, nasa_t) of a draw(); nasa_t is (negative cond, alpha), or None without NASA-T."""
+    z, cond, prompts, *nasa_t = batch
+    return z, cond, prompts, tuple(nasa_t) if nasa_t else None
+
+
+def student_samples(student, schedule, z, cond, nasa_t, start_t):
+    """The student's x0 for a batch, with NASA at NASA-T's (negative cond, alpha) when given."""
+    if nasa_t is None:
+        return student_generate(student, schedule, z, cond[0], cond[1], start_t, *cond[2:])
+    return nasa_student_generate(student, schedule, z, cond, *nasa_t, start_t)
+
+
 def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, generator=None,
               autocast=contextlib.nullcontext, grad_clip=1.0, extra_loss=None):
     """One PG-SB iteration: the student's VSD update (steps 1-2), then cfg.lora_updates updates of the
     LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask) or
-    (context, mask, added) (SDXL's pooled text and size ids, see denoise), texts.
+    (context, mask, added) (SDXL's pooled text and size ids, see denoise), texts; for NASA-T,
+    (z, cond, prompts, negative, alpha): the negative prompts in cond's form and this iteration's
+    NASA scale (see the module's docstring).
     opts holds the 'student' and 'lora' optimizers; extra_loss(x0, prompts), if given, returns
     (weighted loss, {name: unweighted value}): a term added to the student's loss (SwiftBrush v2's
     CLIP loss, the teacher-pair regression) and what to log of it.
     The LoRA teacher fits the samples the student drew for its update, or, with cfg.lora_fresh,
     each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples)."""
-    z, cond, prompts = draw()
+    z, cond, prompts, nasa_t = unpack(draw())
     with autocast():
-        x0 = student_generate(student, schedule, z, cond[0], cond[1], cfg.student_t, *cond[2:])
-        loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator)
+        x0 = student_samples(student, schedule, z, cond, nasa_t, cfg.student_t)
+        negative = None if nasa_t is None else nasa_t[0]
+        loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator, negative)
         info = {'vsd': loss.detach()}
+        if nasa_t is not None:
+            info['nasa_alpha'] = loss.detach().new_tensor(float(nasa_t[1]))
         if extra_loss is not None:
             term, values = extra_loss(x0, prompts)
             info.update(values)
@@ -261,9 +306,9 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
     optimizer_step(opts['student'], loss, grad_clip)
     for _ in range(cfg.lora_updates):
         if cfg.lora_fresh:
-            z, cond, _ = draw()
+            z, cond, _, nasa_t = unpack(draw())
             with torch.no_grad(), autocast():
-                x0 = student_generate(student, schedule, z, cond[0], cond[1], cfg.student_t, *cond[2:])
+                x0 = student_samples(student, schedule, z, cond, nasa_t, cfg.student_t)
         with autocast():
             lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
         optimizer_step(opts['lora'], lora_loss, grad_clip)

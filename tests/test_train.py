@@ -143,6 +143,27 @@ def test_pg_sb_steps_on_a_tiny_sdxl(sdxl_teacher, prompt_file, tmp_path):
     assert im.size == (2 * 32, 32) and im.mode == 'RGB'
 
 
+def test_nasa_t_steps_cache_the_negatives_and_draw_alpha_each_step(unet_teacher, prompt_file, tmp_path):
+    """--nasa-train: the negatives are cached beside the prompts (this rank's shard), the NASA scale is
+    drawn in [0, nasa_alpha_max] each step and logged, and the student is written."""
+    from safetensors import safe_open
+    negatives = tmp_path / 'negatives.txt'
+    negatives.write_text('red\nblue\n\n  green \n')
+    out = tmp_path / 'nasa_t_run'
+    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 3, '--nasa-train', '--negative-prompts',
+                                           negatives, '--nasa-alpha-max', 0.8)])
+    records = check_log(read_log(out), 3, 2, (0.5, 4.0))
+    alphas = [r['nasa_alpha'] for r in records]
+    assert all(0 <= a <= 0.8 for a in alphas) and len(set(alphas)) == 3, alphas
+    caches = sorted((out / 'prompt_cache').iterdir())
+    neg_cache = [c for c in caches if '-negatives-0-of-1' in c.name]
+    assert len(caches) == 2 and len(neg_cache) == 1
+    with safe_open(str(neg_cache[0]), 'pt') as f:
+        assert json.loads(f.metadata()['prompts']) == ['red', 'blue', 'green']
+    assert load_file(str(neg_cache[0]))['context'].shape[:1] == (3,)
+    assert (out / 'student' / 'denoiser.safetensors').is_file()
+
+
 def test_two_ranks_under_torchrun_stay_identical(unet_teacher, prompt_file, tmp_path):
     out = tmp_path / 'ddp_run'
     launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
