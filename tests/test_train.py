@@ -103,6 +103,27 @@ def test_lora_on_the_resnet_convolutions_with_several_updates_per_step(unet_teac
     assert not any('lora_' in k for k in pipe.denoiser.state_dict())
 
 
+def test_regression_term_fits_the_frozen_teachers_ddim_pairs(unet_teacher, prompt_file, tmp_path):
+    """--regression-weight: the pairs are the frozen teacher's DDIM images from their own noise, drawn
+    once and cached (a resume reads them back, no second draw), and the term is logged each step."""
+    out = tmp_path / 'regression_run'
+    extra = ('--regression-weight', 0.5, '--regression-pairs', 3, '--regression-steps', 2, '--regression-cfg', 2.0)
+    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 2, *extra)])
+    records = check_log(read_log(out), 2, 2, (0.5, 4.0))
+    assert all(math.isfinite(r['regression']) and r['regression'] > 0 for r in records)
+    cache = [c for c in (out / 'prompt_cache').iterdir() if '-pairs-' in c.name]
+    assert len(cache) == 1
+    pairs = load_file(str(cache[0]))
+    assert pairs['z'].shape[0] == pairs['x0'].shape[0] == pairs['context'].shape[0] == 3
+    pipe = M.load_checkpoint(unet_teacher)
+    u, um, _ = pipe.text_encoder.null()
+    x0 = sample.ddim(pipe.denoiser, pipe.schedule, pairs['z'], (pairs['context'], None, None), (u, um, None), 2, 2.0)
+    torch.testing.assert_close(x0, pairs['x0'], rtol=1e-4, atol=1e-5)
+    stamp = cache[0].stat().st_mtime_ns
+    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 3, *extra, '--resume')])
+    assert cache[0].stat().st_mtime_ns == stamp and len(read_log(out)) == 3
+
+
 def test_unknown_lora_target_is_a_clean_error(unet_teacher, prompt_file, tmp_path):
     proc = run_script('train.py', *train_args(unet_teacher, prompt_file, tmp_path / 'x', 1, '--lora-targets', 'to_qq'),
                       timeout=STEP_TIMEOUT)
