@@ -647,7 +647,7 @@ def figure4(opt):
 
 @cli.script('bench.py')
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device (default: %(default)s)')
     a('--quick', action='store_true', help='tiny presets and only the smallest real-config sizes (default: off)')

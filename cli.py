@@ -3,16 +3,24 @@ What every script shares on the command line: a bad argument or input ends the s
 on stderr, `SCRIPT: error: WHAT (HOW TO FIX)`, and a non-zero exit, never a traceback (SNOOPI_DEBUG=1
 shows it), and the checks that run before any expensive work: numbers, devices, paths to write.
 """
+import argparse
 import functools
 import math
 import os
 import sys
-import traceback
 from pathlib import Path
 
 
 class UserError(ValueError):
     """Bad input. The message is the one line the user sees."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose own errors (an unknown flag, a word where a number goes) are one line
+    too, without the usage block: `SCRIPT: error: WHAT (see SCRIPT --help)`, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def one_line(e):

@@ -968,7 +968,7 @@ def convert(args):
 def parse_args(argv=None):
     class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
         pass
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=Formatter)
     p.add_argument('src', help="what to convert: a diffusers folder, an SD single file, a PixArt .pth, or our "
                                "checkpoint folder")
     p.add_argument('out', help="the folder to write; an existing one is replaced only if this project wrote it "

@@ -474,7 +474,7 @@ def convert_hpsv2(src, base, out):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--checkpoint', default='checkpoints/shapes_student', help='one-step student folder (default: %(default)s)')
     a('--prompt-file', help='prompts for CLIP score, HPSv2 and FD: .txt (a prompt a line, or CATEGORY<TAB>PROMPT), '

@@ -11,7 +11,7 @@ there, and nothing else in this file knows about guidance, distillation or negat
 import json
 import math
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch

@@ -148,7 +148,7 @@ def save_images(images, folder):
 
 @cli.script('sample.py')
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a('--checkpoint', default='checkpoints/shapes_student', help='checkpoint folder (default: %(default)s)')
     a('--prompt', action='append', help='a prompt; repeat for several (default: a demo of NASA on the shapes world)')

@@ -918,7 +918,7 @@ def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3,
 
 @cli.script("shapes.py")
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = cli.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
 

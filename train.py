@@ -92,7 +92,7 @@ PRESETS = {  # the paper's hyperparameters (SNOOPI Table 6); command-line flags 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', default='shapes', choices=sorted(PRESETS),
                    help='hyperparameter preset (default: shapes); flags below override it')
     for f in fields(TrainConfig):

@@ -297,3 +297,16 @@ def test_the_wrapper_keeps_a_traceback_for_debugging_and_names_our_own_faults(mo
         faulty()
     with pytest.raises(cli.UserError, match='--steps must be at least 1'):
         train.main(['--steps', '0'])
+
+
+@pytest.mark.parametrize('main, args, what', [
+    (train.main, ['--steps', 'abc'], "argument --steps: invalid int value: 'abc'"),
+    (sample.main, ['--no-such-flag'], 'unrecognized arguments: --no-such-flag'),
+    (convert.main, [], 'the following arguments are required: src, out'),
+    (shapes.main, ['evaluate', '--n', 'many'], "argument --n: invalid int value: 'many'"),
+    (bench.main, ['--repeats', '1.5'], "argument --repeats: invalid int value: '1.5'"),
+])
+def test_argparse_errors_are_one_line_too(main, args, what):
+    """argparse's own errors (an unknown flag, a word where a number goes): the same one line, no usage block."""
+    line = main_error(main, *args)
+    assert what in line and line.endswith('--help)'), line
