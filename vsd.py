@@ -13,6 +13,13 @@ One step, per batch of text states c (and the null prompt's c0):
      (denoising_loss, on the network's own output, eps or v; the same function trains a teacher
      from scratch), K times per student step, on fresh samples if asked, so it keeps up.
 pgsb_step runs the three; train.py and bench.py both call it.
+Two properties of the objective (README, "The shapes world"): the update is linear in kappa, so a
+random kappa has the expectation of the fixed kappa at its mean and changes only the update's
+variance; and with the same kappa on both teachers and a LoRA teacher that models the student
+exactly (its conditional and, through the null prompt, its marginal), the update vanishes once the
+student draws the teacher's unguided distribution, whatever kappa: guidance reaches the student
+only through the LoRA teacher's error. An unguided LoRA teacher (lora_kappa = 1, DMD's fake score)
+moves that fixed point to the teacher guided at the mean kappa.
 The frozen and LoRA teachers share one copy of the base weights: the frozen teacher is the LoRA
 teacher with its adapters switched off.
 
