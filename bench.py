@@ -58,6 +58,7 @@ class Options:
     quick: bool = False
     compile: bool = False
     channels_last: bool = False
+    grad_checkpointing: bool = False
 
 
 # -----------------------------------------------------------------------------
@@ -402,51 +403,69 @@ def figure2(opt):
 LORA_RANK, LORA_ALPHA = 64, 128  # SNOOPI Table 6
 
 
-def autocast(device):
-    return torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+def autocast(device, bf16=None):
+    """bf16 autocast on CUDA (or wherever bf16=True asks for it); off elsewhere."""
+    bf16 = device.type == 'cuda' if bf16 is None else bf16
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
 
 class OursPGSB:
     """Our step, as train.py runs it: vsd.pgsb_step, one teacher whose LoRA adapters are switched off
     for the frozen pass, cond/uncond batched. The LoRA teacher's loss is SwiftBrush's alpha_t-weighted
     eps error, as in the reference. Frozen base weights in `frozen_dtype`; the student and the
-    adapters train in fp32 (bf16 autocast on GPU)."""
+    adapters train in fp32 (bf16 autocast on GPU, or wherever `bf16` asks for it)."""
 
-    def __init__(self, state, lora_state, cfg, device, frozen_dtype):
-        self.cfg, self.device = cfg, device
-        self.student = ours_from_state(state, cfg).to(device).train()
-        self.teacher = ours_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
-        lora_params = vsd.add_lora(self.teacher, LORA_RANK, LORA_ALPHA)
-        load_lora(self.teacher, lora_state)
-        self.schedule = M.NoiseSchedule(M.SCHEDULES['sd']).to(device)
+    def __init__(self, student, teacher, schedule, device, bf16=None, foreach=None):
+        self.device, self.student, self.teacher, self.schedule = device, student.train(), teacher, schedule
+        self.bf16 = device.type == 'cuda' if bf16 is None else bf16
         self.vsd = vsd.VSDConfig(lora_loss='swiftbrush')
-        self.opts = {'student': torch.optim.AdamW(self.student.parameters(), lr=1e-6),
-                     'lora': torch.optim.AdamW(lora_params, lr=1e-3)}
+        lora_params = [p for n, p in teacher.named_parameters() if '.lora_' in n]
+        self.opts = {'student': torch.optim.AdamW(self.student.parameters(), lr=1e-6, foreach=foreach),
+                     'lora': torch.optim.AdamW(lora_params, lr=1e-3, foreach=foreach)}
+
+    @classmethod
+    def from_state(cls, state, lora_state, cfg, device, frozen_dtype, opt=None):
+        """From a diffusers state dict; opt's levers (gradient checkpointing, channels-last) applied."""
+        student = ours_from_state(state, cfg).to(device)
+        teacher = ours_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
+        student.grad_checkpointing = bool(opt and opt.grad_checkpointing)
+        if opt and opt.channels_last:
+            student, teacher = (n.to(memory_format=torch.channels_last) for n in (student, teacher))
+        vsd.add_lora(teacher, LORA_RANK, LORA_ALPHA)
+        load_lora(teacher, lora_state)
+        return cls(student, teacher, M.NoiseSchedule(M.SCHEDULES['sd']).to(device), device)
 
     def step(self, z, c, null, generator):
         info, _ = vsd.pgsb_step(self.student, self.teacher, self.schedule, self.opts, lambda: (z, (c, None), None),
-                                null, self.vsd, generator, lambda: autocast(self.device))
+                                null, self.vsd, generator, lambda: autocast(self.device, self.bf16))
         return info['vsd'], info['lora']
 
 
+def peft_lora(teacher):
+    """The LoRA teacher as the public SwiftBrush script builds it: peft adapters on a copy of the teacher."""
+    from peft import LoraConfig
+    teacher.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
+                                   init_lora_weights='gaussian'))
+    return teacher
+
+
+def ref_eps(net, x, t, c):
+    """A diffusers denoiser's prediction: the UNet's, or PixArt's first channels (its learned sigma dropped)."""
+    if hasattr(net.config, 'caption_channels'):
+        cond = {'resolution': None, 'aspect_ratio': None}
+        return net(x, c, timestep=t, added_cond_kwargs=cond).sample[:, :x.shape[1]]
+    return net(x, t, encoder_hidden_states=c).sample
+
+
 class RefPGSB:
-    """The step as the public SwiftBrush script builds it: three diffusers UNets (student, frozen
+    """The step as the public SwiftBrush script builds it: three diffusers networks (student, frozen
     teacher, a peft-LoRA copy of the teacher), four separate teacher forwards, DDPMScheduler noise.
     Random numbers are drawn in the same order as vsd.py, so the two steps compute the same losses."""
 
-    def __init__(self, state, lora_state, cfg, device, frozen_dtype):
+    def __init__(self, student, teacher, lora, device, bf16=None, foreach=None):
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
-        self.cfg, self.device = cfg, device
-        self.student = diffusers_from_state(state, cfg).to(device).train()
-        self.teacher = diffusers_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
-        self.lora = copy.deepcopy(self.teacher)
-        self.lora.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
-                                         init_lora_weights='gaussian'))
-        unexpected = self.lora.load_state_dict(lora_state, strict=False).unexpected_keys
-        assert not unexpected, f'LoRA weights peft does not know: {unexpected[:3]}'
-        cast_training_params(self.lora, dtype=torch.float32)
+        self.device, self.student, self.teacher, self.lora = device, student.train(), teacher, lora
+        self.bf16 = device.type == 'cuda' if bf16 is None else bf16
         s = M.SCHEDULES['sd']
         self.scheduler = DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start,
                                        beta_end=s.beta_end, beta_schedule=s.beta_schedule)
@@ -454,16 +473,27 @@ class RefPGSB:
         self.vsd = vsd.VSDConfig()
         self.student_params = list(self.student.parameters())
         self.lora_params = [p for p in self.lora.parameters() if p.requires_grad]
-        self.opt_student = torch.optim.AdamW(self.student_params, lr=1e-6)
-        self.opt_lora = torch.optim.AdamW(self.lora_params, lr=1e-3)
+        self.opt_student = torch.optim.AdamW(self.student_params, lr=1e-6, foreach=foreach)
+        self.opt_lora = torch.optim.AdamW(self.lora_params, lr=1e-3, foreach=foreach)
+
+    @classmethod
+    def from_state(cls, state, lora_state, cfg, device, frozen_dtype, opt=None):
+        from diffusers.training_utils import cast_training_params
+        student = diffusers_from_state(state, cfg).to(device)
+        teacher = diffusers_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
+        lora = peft_lora(copy.deepcopy(teacher))
+        unexpected = lora.load_state_dict(lora_state, strict=False).unexpected_keys
+        assert not unexpected, f'LoRA weights peft does not know: {unexpected[:3]}'
+        cast_training_params(lora, dtype=torch.float32)
+        return cls(student, teacher, lora, device)
 
     def step(self, z, c, null, generator):
         u, _ = null
         B, T, v = z.shape[0], self.scheduler.config.num_train_timesteps, self.vsd
         a = lambda t: self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             t_student = torch.full((B,), T - 1, device=z.device, dtype=torch.long)
-            eps_hat = self.student(z, t_student, encoder_hidden_states=c).sample
+            eps_hat = ref_eps(self.student, z, t_student, c)
             x0 = (z - (1 - a(t_student)).sqrt() * eps_hat) / a(t_student).sqrt()
             t = torch.randint(v.t_min, v.t_max + 1, (B,), device=z.device, generator=generator)
             eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
@@ -472,10 +502,10 @@ class RefPGSB:
             kappa = kappa.view(-1, 1, 1, 1)
             with torch.no_grad():
                 uncond = u.expand_as(c)
-                teacher_c = self.teacher(x_t, t, encoder_hidden_states=c).sample
-                teacher_u = self.teacher(x_t, t, encoder_hidden_states=uncond).sample
-                lora_c = self.lora(x_t, t, encoder_hidden_states=c).sample
-                lora_u = self.lora(x_t, t, encoder_hidden_states=uncond).sample
+                teacher_c = ref_eps(self.teacher, x_t, t, c)
+                teacher_u = ref_eps(self.teacher, x_t, t, uncond)
+                lora_c = ref_eps(self.lora, x_t, t, c)
+                lora_u = ref_eps(self.lora, x_t, t, uncond)
                 eps_teacher = teacher_u + kappa * (teacher_c - teacher_u)
                 eps_lora = lora_u + kappa * (lora_c - lora_u)
                 grad = torch.nan_to_num((1 - a(t)) * (eps_teacher - eps_lora))
@@ -484,13 +514,13 @@ class RefPGSB:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student_params, 1.0)
         self.opt_student.step()
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             x0 = x0.detach()
             t = torch.randint(0, T, (B,), device=z.device, generator=generator)
             eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
             drop = torch.rand(B, device=z.device, generator=generator) < v.null_prob
             c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
-            eps_pred = self.lora(self.scheduler.add_noise(x0, eps, t), t, encoder_hidden_states=c).sample
+            eps_pred = ref_eps(self.lora, self.scheduler.add_noise(x0, eps, t), t, c)
             w = a(t).sqrt()
             lora_loss = F.mse_loss((w * eps_pred).float(), (w * eps).float())
         self.opt_lora.zero_grad(set_to_none=True)
@@ -503,10 +533,7 @@ class RefPGSB:
 def lora_weights(cfg, seed=2):
     """peft LoRA weights for the teacher (keys as peft names them), with a non-zero up-projection
     so that the LoRA teacher differs from the frozen one and the VSD loss is not trivially 0."""
-    from peft import LoraConfig
-    teacher = diffusers_net(cfg)
-    teacher.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
-                                   init_lora_weights='gaussian'))
+    teacher = peft_lora(diffusers_net(cfg))
     g = torch.Generator().manual_seed(seed)
     state = {}
     for k, v in teacher.state_dict().items():
@@ -550,7 +577,7 @@ def pgsb_alone(cls, state, lora_state, cfg, inputs, opt, frozen_dtype):
     free()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    setup = cls(state, lora_state, cfg, opt.device, frozen_dtype)
+    setup = cls.from_state(state, lora_state, cfg, opt.device, frozen_dtype, opt)
     losses, step = first_step(setup, inputs, opt.device)
     for _ in range(opt.warmup):
         step()
@@ -574,8 +601,8 @@ def bench_pgsb(preset, size, batch, opt, goals=True):
         ref_losses, ref_t, ref_mem = pgsb_alone(RefPGSB, state, lora_state, cfg, inputs, opt, frozen)
         losses, t, mem = pgsb_alone(OursPGSB, state, lora_state, cfg, inputs, opt, frozen)
     else:
-        losses, step = first_step(OursPGSB(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
-        ref_losses, ref_step = first_step(RefPGSB(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
+        losses, step = first_step(OursPGSB.from_state(state, lora_state, cfg, opt.device, frozen, opt), inputs, opt.device)
+        ref_losses, ref_step = first_step(RefPGSB.from_state(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
         (t, ref_t), mem, ref_mem = time_pair(step, ref_step, opt, min_sample=0), None, None
     err = max(rel_err(a, b) for a, b in zip(losses, ref_losses))  # VSD loss, LoRA loss
     prec = 'bf16 autocast, frozen weights bf16' if opt.device.type == 'cuda' else 'fp32'
