@@ -33,10 +33,16 @@ import json
 import re
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cli
 import convert
@@ -670,6 +676,261 @@ def figure4(opt):
 
 
 # -----------------------------------------------------------------------------
+# The plan: peak memory and FLOPs of one PG-SB step per GPU at the real sizes, computed on the CPU
+#
+# Under FakeTensorMode a tensor has its shape, dtype and a storage of the right size, but no data:
+# an SD2.1 step at batch 16 runs in seconds. LiveBytes adds each new storage's bytes when an op
+# creates it and takes them off when the storage dies; its high-water mark is what CUDA's
+# max_memory_allocated reports (less the allocator's rounding). FlopCounterMode counts matmuls,
+# convolutions and attention (a multiply-add is 2 FLOPs). The fake tensors live on the CPU with CPU
+# bf16 autocast; attention takes the fused (flash) path there as on the GPU, so no N x N matrix.
+
+PLAN_MODELS = ('sd15', 'sd21', 'sdxl', 'pixart_alpha_512')  # those model.py has presets for are planned
+GPU_GB = (24, 40, 80)
+HEADROOM = 0.9  # a step fits a GPU when its tensors take at most this share (CUDA context, workspaces, fragmentation)
+FSDP_GPUS = 4   # the paper's 4 GPUs
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes held by live tensor storages: now (`live`) and at most (`peak`). Fake tensors are also
+    held in reference cycles (the fake mode's bookkeeping) that a real run does not make; before a
+    new high is recorded, once the bytes have grown by `slack` since the last time, the garbage
+    collector frees them, so the peak is within `slack` of the real one."""
+
+    def __init__(self, slack=0.05):
+        super().__init__()
+        self.live = self.peak = self.collected_at = 0
+        self.held, self.slack = set(), slack
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t.untyped_storage())
+        if self.live > self.peak:
+            if self.live > (1 + self.slack) * self.collected_at:
+                gc.collect()
+                self.collected_at = self.live
+            self.peak = max(self.peak, self.live)
+        return out
+
+    def track(self, storage):
+        key = storage._cdata  # the storage itself: views and Parameters share it
+        if key not in self.held:
+            self.held.add(key)
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self.release, key, storage.nbytes())
+
+    def release(self, key, nbytes):
+        self.held.discard(key)
+        self.live -= nbytes
+
+
+def materialize(module, device='cpu'):
+    """Storages for a module built on the meta device (fake ones under FakeTensorMode), set in place:
+    Module.to() cannot swap fake tensors into a module."""
+    for m in module.modules():
+        for d in (m._parameters, m._buffers):
+            for k, v in d.items():
+                if v is not None and v.is_meta:
+                    new = torch.empty_like(v, device=device)
+                    d[k] = nn.Parameter(new, v.requires_grad) if isinstance(v, nn.Parameter) else new
+    return module
+
+
+def cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# the CPU's fused attention, counted like CUDA's flash attention
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_flash_backward_flops}
+
+
+@dataclass
+class Levers:
+    frozen_bf16: bool = True          # teacher base and VAE weights held in bf16
+    grad_checkpointing: bool = True   # the student's blocks recomputed in the backward pass
+
+    def __str__(self):
+        on = [name for name, v in (('frozen bf16', self.frozen_bf16), ('grad checkpointing', self.grad_checkpointing)) if v]
+        return ', '.join(on) or 'none'
+
+
+def schedule_for(cfg):
+    return M.SCHEDULES['pixart' if isinstance(cfg, M.DiTConfig) else 'sd']
+
+
+def plan_vae(frozen):
+    """The frozen VAE a training holds beside the networks (for validation images and the CLIP loss)."""
+    return M.build(M.PRESETS['sd_vae']).to(frozen).requires_grad_(False)
+
+
+def plan_ours(cfg, levers, vae=True):
+    """Our step's networks on the meta device: () -> (OursPGSB on fake storages, the VAE's)."""
+    frozen = torch.bfloat16 if levers.frozen_bf16 else torch.float32
+    with torch.device('meta'):
+        student = M.build(cfg)
+        student.grad_checkpointing = levers.grad_checkpointing
+        teacher = M.build(cfg).to(frozen).requires_grad_(False)
+        vsd.add_lora(teacher, LORA_RANK, LORA_ALPHA)
+        schedule = M.NoiseSchedule(schedule_for(cfg))
+        held = plan_vae(frozen) if vae else None
+    device = torch.device('cpu')
+    return lambda: (OursPGSB(materialize(student), materialize(teacher), materialize(schedule), device,
+                             bf16=True, foreach=True), held and materialize(held))
+
+
+def plan_ref(cfg, levers, vae=True):
+    """The reference step's networks on the meta device (three diffusers networks, peft LoRA)."""
+    from diffusers.training_utils import cast_training_params
+    frozen = torch.bfloat16 if levers.frozen_bf16 else torch.float32
+    with torch.device('meta'):
+        student = diffusers_net(cfg)
+        teacher = diffusers_net(cfg).to(frozen).requires_grad_(False)
+        lora = peft_lora(copy.deepcopy(teacher))
+        cast_training_params(lora, dtype=torch.float32)
+        held = plan_vae(frozen) if vae else None
+    device = torch.device('cpu')
+    return lambda: (RefPGSB(materialize(student), materialize(teacher), materialize(lora), device,
+                            bf16=True, foreach=True), held and materialize(held))
+
+
+def plan_inputs(cfg, batch):
+    """z, prompt states, the null prompt's: 77 CLIP tokens for a UNet, 120 T5 tokens for a DiT."""
+    L, C = (120, cfg.caption_channels) if isinstance(cfg, M.DiTConfig) else (77, cfg.context_dim)
+    z = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    return z, torch.randn(batch, L, C), (torch.randn(1, L, C), None)
+
+
+@dataclass
+class StepPlan:
+    peak: int      # bytes, the step's high-water mark with every weight, gradient and optimizer state
+    static: int    # bytes still held after the step: weights, gradients, optimizer state (no activations)
+    flops: int     # one step's FLOPs
+    batch: int
+    student_params: int
+
+    def peak_at(self, batch, shard_gpus=1):
+        """Peak bytes at another batch: the activations scale with it, the rest does not. With the
+        student sharded over shard_gpus (FSDP), its fp32 weights, gradients and AdamW moments (16 bytes a
+        parameter) shrink to their share; the one block gathered at a time is not counted."""
+        sharded = 16 * self.student_params * (1 - 1 / shard_gpus)
+        return self.static - sharded + (self.peak - self.static) * batch / self.batch
+
+    def largest_batch(self, gib, shard_gpus=1):
+        per_image = (self.peak - self.static) / self.batch
+        room = HEADROOM * gib * 2 ** 30 - self.peak_at(0, shard_gpus)
+        return max(0, int(room // per_image))
+
+
+def trace_step(build, cfg, batch):
+    """One step (ours or the reference) on fake tensors: its StepPlan."""
+    with FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as mem:
+        setup, vae = build()
+        inputs = plan_inputs(cfg, batch)
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+            setup.step(*inputs, None)
+        del inputs
+        static = mem.live
+        return StepPlan(mem.peak, static, counter.get_total_flops(), batch,
+                        sum(p.numel() for p in setup.student.parameters()))
+
+
+def measured_peak(setup, inputs):
+    """The measured counterpart of trace_step on real CPU tensors: the high-water mark of the bytes the
+    CPU allocator hands out during one step (the profiler's memory events), plus those held before it."""
+    held = sum(t.untyped_storage().nbytes() for t in {id(x): x for x in tensors_of(setup, inputs)}.values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        setup.step(*inputs, None)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
+                    key=lambda e: e.start_ns())
+    level = top = 0
+    for e in events:
+        level += e.nbytes()
+        top = max(top, level)
+    return held + top
+
+
+def tensors_of(setup, inputs):
+    nets = [setup.student, setup.teacher] + ([setup.lora] if hasattr(setup, 'lora') else [])
+    out = [t for n in nets for t in list(n.parameters()) + list(n.buffers())]
+    return out + [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+
+
+def generation_flops(cfg):
+    """FLOPs of one-step generation of one image, ours (student + VAE decoder) and diffusers'."""
+    out = []
+    for build_net, build_vae, run in (
+            (lambda: M.build(cfg), lambda: M.build(M.PRESETS['sd_vae']),
+             lambda net, vae, z, c: vae.decode(net(z, torch.full((1,), 999), c)[:, :4])),
+            (lambda: diffusers_net(cfg), lambda: diffusers_net(M.PRESETS['sd_vae']),
+             lambda net, vae, z, c: vae.decode(ref_eps(net, z, torch.full((1,), 999), c)).sample)):
+        with torch.device('meta'):
+            net, vae = build_net().to(torch.bfloat16), build_vae().to(torch.bfloat16)
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            net, vae = materialize(net), materialize(vae)
+            z, c, _ = plan_inputs(cfg, 1)
+            with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+                run(net, vae, z.bfloat16(), c.bfloat16())
+        out.append(counter.get_total_flops())
+    return out
+
+
+def plan(batch, models=PLAN_MODELS, lever_model='sd21', log=print):
+    """The plan's rows: per model, ours and the reference at the default levers; for lever_model, ours
+    with the levers off one at a time; and one-step generation FLOPs."""
+    rows, gen = [], []
+    default = Levers()
+    for name in (m for m in models if m in M.PRESETS):
+        cfg = M.PRESETS[name]
+        start = time.time()
+        ours, ref = trace_step(plan_ours(cfg, default), cfg, batch), trace_step(plan_ref(cfg, default), cfg, batch)
+        rows.append((name, str(default), ours, ref, 1))
+        if name == lever_model:
+            rows.append((name, f'{default} + FSDP over {FSDP_GPUS} GPUs (estimate)', ours, None, FSDP_GPUS))
+            for levers in (Levers(grad_checkpointing=False), Levers(False, False)):
+                rows.append((name, str(levers), trace_step(plan_ours(cfg, levers), cfg, batch), None, 1))
+        gen.append((name, *generation_flops(cfg)))
+        log(f'planned {name} in {time.time() - start:.0f} s')
+    return rows, gen
+
+
+def gib(nbytes):
+    return nbytes / 2 ** 30
+
+
+def plan_table(rows, gen):
+    out = ['', f'### Plan: one PG-SB step per GPU, bf16 autocast (fake tensors; fits = at most {HEADROOM:.0%} '
+               'of the GPU)', '',
+           '| model | levers | batch/GPU | ours peak | reference peak | ours/ref | ours TFLOP | ref TFLOP | '
+           'ours largest batch at ' + ' / '.join(f'{g}' for g in GPU_GB) + ' GB | reference\'s |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+    for name, levers, ours, ref, shards in rows:
+        fits = ' / '.join(str(ours.largest_batch(g, shards)) for g in GPU_GB)
+        peak = gib(ours.peak_at(ours.batch, shards))
+        if ref is None:
+            out.append(f'| {name} | {levers} | {ours.batch} | {peak:.1f} GiB | — | — | {ours.flops / 1e12:.1f} | — '
+                       f'| {fits} | — |')
+            continue
+        ref_fits = ' / '.join(str(ref.largest_batch(g)) for g in GPU_GB)
+        out.append(f'| {name} | {levers} | {ours.batch} | {peak:.1f} GiB | {gib(ref.peak):.1f} GiB | '
+                   f'{ours.peak / ref.peak:.2f} | {ours.flops / 1e12:.1f} | {ref.flops / 1e12:.1f} | {fits} | {ref_fits} |')
+    floor = TFLOP_DENOISER + TFLOP_VAE_DECODER
+    out += ['', '### Plan: one-step generation, one 512x512 image (denoiser + VAE decoder)', '',
+            f'| model | ours TFLOP | diffusers TFLOP | ours/diffusers | reported floor (SD: {floor} TFLOP) |',
+            '|---|---|---|---|---|']
+    for name, ours, ref in gen:
+        f = f'{ours / 1e12 / floor:.2f} x' if name.startswith('sd') else '—'
+        out.append(f'| {name} | {ours / 1e12:.2f} | {ref / 1e12:.2f} | {ours / ref:.3f} | {f} |')
+    return '\n'.join(out)
+
+
+# -----------------------------------------------------------------------------
 
 
 @cli.script('bench.py')
@@ -691,6 +952,11 @@ def main(argv=None):
     a('--figures', default='1,2,3,4', help='comma-separated figures to run (default: %(default)s)')
     a('--threads', type=int, help="torch CPU threads (default: torch's own setting, left as it is)")
     a('--json', metavar='OUT', help='also write the rows to this JSON file (default: none)')
+    a('--plan', action='store_true', help='instead of timing: peak memory and FLOPs of one PG-SB step per GPU at the '
+                                          'real sizes, ours and the reference, computed with fake tensors (default: off)')
+    a('--plan-models', default=','.join(PLAN_MODELS), help='comma-separated model.py presets to plan; those it '
+                                                           'lacks are left out (default: %(default)s)')
+    a('--plan-batch', type=int, default=16, help='images per GPU in the plan (default: %(default)s, the paper\'s 64 on 4 GPUs)')
     args = p.parse_args(argv)
     device = cli.device('--device', args.device)
     cli.number('--repeats', args.repeats, low=1)
@@ -701,8 +967,16 @@ def main(argv=None):
         raise cli.UserError(f"--figures {args.figures}: pass comma-separated figure numbers from 1 to 4")
     if args.json:
         cli.writable_file('--json', args.json)
+    cli.number('--plan-batch', args.plan_batch, low=1)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.plan:
+        import diffusers
+        diffusers.utils.logging.set_verbosity_error()
+        start = time.time()
+        print(plan_table(*plan(args.plan_batch, args.plan_models.split(','))))
+        print(f'\nwall time {time.time() - start:.0f} s')
+        return
     if args.dtype == 'auto':
         dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     else:

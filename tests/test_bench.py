@@ -76,3 +76,36 @@ def test_cli_help(capsys):
     out = capsys.readouterr().out
     for flag in ('--device', '--quick', '--compile', '--dtype', '--repeats', '--json'):
         assert flag in out
+
+
+def test_plan_memory_agrees_with_the_measured_peak():
+    """The plan's fake-tensor peak for one PG-SB step on tiny_unet, with the default levers (frozen
+    bf16, gradient checkpointing, bf16 autocast) and without, against the high-water mark the CPU
+    allocator reports (profiler memory events) for the same step on real tensors: within 10%."""
+    cfg = bench.M.PRESETS['tiny_unet']
+    for levers in (bench.Levers(), bench.Levers(frozen_bf16=False, grad_checkpointing=False)):
+        planned = bench.trace_step(bench.plan_ours(cfg, levers, vae=False), cfg, 8)
+        setup, _ = bench.plan_ours(cfg, levers, vae=False)()  # the same networks, real this time
+        with torch.no_grad():
+            for t in bench.tensors_of(setup, ()):
+                t.normal_(0, 0.02)
+        measured = bench.measured_peak(setup, bench.plan_inputs(cfg, 8))
+        assert planned.static < planned.peak and planned.flops > 0
+        assert abs(planned.peak / measured - 1) <= 0.10, (levers, planned.peak, measured)
+
+
+def test_plan_table_counts_the_reference_and_the_levers():
+    """On tiny_unet: the plan's rows (ours, reference, FSDP estimate, levers off) and its table."""
+    rows, gen = bench.plan(4, models=('tiny_unet',), lever_model='tiny_unet', log=lambda *a: None)
+    assert [r[1] for r in rows] == [str(bench.Levers()), f'{bench.Levers()} + FSDP over 4 GPUs (estimate)',
+                                    'frozen bf16', 'none']
+    ours, ref = rows[0][2], rows[0][3]
+    assert ours.student_params == ref.student_params and ours.peak > 0 and ref.peak > 0
+    # FSDP shares out the student's 16 bytes a parameter; checkpointing trades FLOPs for memory
+    assert ours.peak_at(4, 4) == pytest.approx(ours.peak_at(4) - 12 * ours.student_params)
+    # the same arithmetic as the reference without checkpointing's recomputation: the same FLOPs
+    assert rows[3][2].flops == pytest.approx(ref.flops, rel=0.05), (rows[3][2].flops, ref.flops)
+    assert rows[2][2].flops < ours.flops
+    assert ours.largest_batch(80) >= ours.largest_batch(40) >= ours.largest_batch(24)
+    text = bench.plan_table(rows, gen)
+    assert text.count('| tiny_unet |') == 5 and 'FSDP' in text
