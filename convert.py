@@ -184,12 +184,12 @@ def to_diffusers(key):
 UNET_FIXED = dict(
     center_input_sample=False, flip_sin_to_cos=True, freq_shift=0, mid_block_type='UNetMidBlock2DCrossAttn',
     only_cross_attention=False, downsample_padding=1, mid_block_scale_factor=1, act_fn='silu', norm_eps=1e-5,
-    transformer_layers_per_block=1, reverse_transformer_layers_per_block=None, encoder_hid_dim=None,
-    encoder_hid_dim_type=None, dual_cross_attention=False, class_embed_type=None, addition_embed_type=None,
+    reverse_transformer_layers_per_block=None, encoder_hid_dim=None,
+    encoder_hid_dim_type=None, dual_cross_attention=False, class_embed_type=None,
     num_class_embeds=None, resnet_time_scale_shift='default', resnet_skip_time_act=False,
     resnet_out_scale_factor=1.0, time_embedding_type='positional', time_embedding_dim=None,
     time_embedding_act_fn=None, timestep_post_act=None, time_cond_proj_dim=None, conv_in_kernel=3, conv_out_kernel=3,
-    projection_class_embeddings_input_dim=None, attention_type='default', class_embeddings_concat=False,
+    attention_type='default', class_embeddings_concat=False,
     mid_block_only_cross_attention=None, cross_attention_norm=None)
 DIT_FIXED = dict(norm_type='ada_norm_single', activation_fn='gelu-approximate', attention_bias=True,
                  norm_elementwise_affine=False, norm_eps=1e-6, num_embeds_ada_norm=1000, attention_type='default')
@@ -219,7 +219,20 @@ def unet_config(d, what='unet/config.json'):
         raise ConversionError(f"{what}: up_block_types {ups} do not mirror down_block_types {downs}")
     # diffusers' `attention_head_dim` is, for historical reasons, the number of heads per level.
     heads = d.get('num_attention_heads') or d.get('attention_head_dim', 8)
+    depth = d.get('transformer_layers_per_block', 1)  # one for all levels, or per level (SDXL: 1, 2, 10)
+    added = d.get('addition_embed_type')
+    if added not in (None, 'text_time'):
+        raise ConversionError(f"{what}: addition_embed_type={added!r} is not supported (None, or SDXL's 'text_time')")
+    time_dim = d.get('addition_time_embed_dim') or 256
+    extra = {}
+    if added == 'text_time':  # its MLP reads the pooled text and 6 ids, each through a time_dim sinusoid
+        extra = dict(addition_embed=added, addition_time_dim=time_dim,
+                     pooled_dim=d['projection_class_embeddings_input_dim'] - 6 * time_dim)
+    elif d.get('projection_class_embeddings_input_dim') is not None:
+        raise ConversionError(f"{what}: projection_class_embeddings_input_dim is set without addition_embed_type")
     return model.UNetConfig(
+        transformer_depth=tuple(depth) if isinstance(depth, (list, tuple)) else depth,
+        mid_depth=depth[-1] if isinstance(depth, (list, tuple)) else depth, **extra,
         in_channels=d.get('in_channels', 4), out_channels=d.get('out_channels', 4),
         channels=tuple(d['block_out_channels']), attn_levels=attn,
         heads=tuple(heads) if isinstance(heads, list) else (heads,) * len(downs),
@@ -233,12 +246,21 @@ def up_block_types(attn_levels):
 
 
 def diffusers_unet_config(c):
+    last = c.depth(len(c.channels) - 1)
+    if c.mid_depth != last:  # UNet2DConditionModel builds its mid block with transformer_layers_per_block[-1]
+        raise ConversionError(f"this UNet's mid block has {c.mid_depth} transformer blocks and its last level {last}: "
+                              "diffusers' UNet2DConditionModel cannot express that (it gives the mid block the last "
+                              "level's depth); keep it as our checkpoint (--to ours)")
     return dict(UNET_FIXED, _class_name='UNet2DConditionModel', sample_size=c.sample_size,
                 in_channels=c.in_channels, out_channels=c.out_channels, block_out_channels=list(c.channels),
                 down_block_types=['CrossAttnDownBlock2D' if a else 'DownBlock2D' for a in c.attn_levels],
                 up_block_types=up_block_types(c.attn_levels), layers_per_block=c.layers_per_block,
                 cross_attention_dim=c.context_dim, attention_head_dim=list(c.heads),
-                use_linear_projection=c.linear_proj, norm_num_groups=c.norm_groups)
+                use_linear_projection=c.linear_proj, norm_num_groups=c.norm_groups,
+                transformer_layers_per_block=list(c.transformer_depth) if isinstance(c.transformer_depth, tuple)
+                else c.transformer_depth, **({} if c.addition_embed is None else dict(
+                    addition_embed_type=c.addition_embed, addition_time_embed_dim=c.addition_time_dim,
+                    projection_class_embeddings_input_dim=c.pooled_dim + 6 * c.addition_time_dim)))
 
 
 def dit_config(d, what='transformer/config.json'):
@@ -291,7 +313,7 @@ def schedule(d, what='scheduler/scheduler_config.json'):
                        beta_end=d.get('beta_end', 0.02), beta_schedule=d.get('beta_schedule', 'linear'),
                        prediction_type=d.get('prediction_type', 'epsilon'))
     for field, allowed in [('beta_schedule', ('linear', 'scaled_linear')),
-                           ('prediction_type', ('epsilon', 'v_prediction'))]:
+                           ('prediction_type', ('epsilon', 'v_prediction', 'sample'))]:
         if getattr(s, field) not in allowed:
             raise ConversionError(f"{what}: {field}={getattr(s, field)!r} is not supported ({' or '.join(allowed)})")
     return s
@@ -328,7 +350,8 @@ class Parts:
     schedule: model.NoiseSchedule
     text_folder: Path = None           # a folder with text_encoder/ and tokenizer/
     null_caption: torch.Tensor = None  # PixArt's learned unconditional caption (120, 4096), if kept
-    student_t: int = None              # a one-step student's start timestep
+    student_t: int = None              # a one-step model's start timestep (ONE_STEP)
+    student_noise: str = 'unit'        # ... and how its noise is scaled there
 
 
 WEIGHT_FILES = [f'diffusion_pytorch_model{name}' for name in (
@@ -360,6 +383,10 @@ def read_vae(folder):
 
 def has_text(folder):
     return (Path(folder) / 'text_encoder').is_dir() and (Path(folder) / 'tokenizer').is_dir()
+
+
+def has_text_2(folder):  # SDXL's second text encoder
+    return (Path(folder) / 'text_encoder_2').is_dir() and (Path(folder) / 'tokenizer_2').is_dir()
 
 
 def diffusers_parts(folder):
@@ -395,10 +422,10 @@ def ours_parts(folder):
             raise ConversionError(one_line(e)) from None
         return load_strict(cfg, read_tensors(folder / file), folder / file)
     vae = read('vae.safetensors') if (folder / 'vae.safetensors').is_file() else model.PixelSpace()
-    sched, start_t = model.read_schedule(folder)
+    sched, start_t, noise = model.read_schedule(folder)
     null = folder / 'null_caption.safetensors'
     return Parts(read('denoiser.safetensors'), vae, model.NoiseSchedule(sched), folder if has_text(folder) else None,
-                 read_tensors(null)['null_caption'] if null.is_file() else None, start_t)
+                 read_tensors(null)['null_caption'] if null.is_file() else None, start_t, noise)
 
 
 # -----------------------------------------------------------------------------
@@ -428,7 +455,8 @@ def ldm_unet_names(cfg):
     p = {'conv_in.': 'input_blocks.0.0.', 'time_embedding.linear_1.': 'time_embed.0.',
          'time_embedding.linear_2.': 'time_embed.2.', 'conv_norm_out.': 'out.0.', 'conv_out.': 'out.2.',
          'mid_block.resnets.0.': 'middle_block.0.', 'mid_block.attentions.0.': 'middle_block.1.',
-         'mid_block.resnets.1.': 'middle_block.2.'}
+         'mid_block.resnets.1.': 'middle_block.2.',
+         'add_embedding.linear_1.': 'label_emb.0.0.', 'add_embedding.linear_2.': 'label_emb.0.2.'}  # SDXL
     levels, L, n = len(cfg.channels), cfg.layers_per_block, 1
     for i in range(levels):
         for j in range(L):
@@ -467,9 +495,11 @@ def ldm_vae_names(cfg):
     return {k: translate(k, p, LDM_VAE_INNER) for k in empty(cfg).state_dict()}
 
 
-def infer_unet_config(sd, source):
+def infer_unet_config(sd, source, pooled_dim=None):
     """A UNetConfig read off the original UNet's shapes (single files carry no config). Heads do not
-    show in shapes: SD1 (context 768) has 8 per level, SD2 (context 1024) 64 channels per head."""
+    show in shapes: SD1 (context 768) has 8 per level, SD2 (context 1024) 64 channels per head.
+    SDXL's added-embedding input is pooled_dim + 6 sinusoids: pooled_dim (the bigG projection's
+    width, where the file holds it) splits it; without it the ids are taken as SDXL's 256 wide."""
     try:
         ins = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('input_blocks.'))
         levels = 1 + sum(k.endswith('.0.op.weight') for k in sd)
@@ -478,7 +508,20 @@ def infer_unet_config(sd, source):
         channels = tuple(sd[f'input_blocks.{b}.0.out_layers.3.weight'].shape[0] for b in first)
         proj_in = next(v for k, v in sd.items() if k.endswith('.proj_in.weight'))
         context = next(v for k, v in sd.items() if k.endswith('attn2.to_k.weight')).shape[1]
+        blocks = lambda prefix: 1 + max(int(k[len(prefix):].split('.')[0]) for k in sd if k.startswith(prefix))
+        depth = tuple(blocks(f'input_blocks.{b}.1.transformer_blocks.') if f'input_blocks.{b}.1.proj_in.weight' in sd
+                      else 1 for b in first)
+        extra = {}
+        if 'label_emb.0.0.weight' in sd:  # SDXL's text_time MLP: pooled text + 6 ids (SDXL: 1280 + 6 x 256)
+            width = sd['label_emb.0.0.weight'].shape[1]
+            time_dim = 256 if pooled_dim is None else (width - pooled_dim) // 6
+            if time_dim <= 0 or width - 6 * time_dim <= 0 or pooled_dim is not None and (width - pooled_dim) % 6:
+                raise ValueError(f"label_emb takes {width} inputs, not a pooled text embedding and 6 size ids")
+            extra = dict(addition_embed='text_time', pooled_dim=width - 6 * time_dim, addition_time_dim=time_dim,
+                         sample_size=128)
         return model.UNetConfig(
+            transformer_depth=depth if len(set(depth)) > 1 else depth[0],
+            mid_depth=blocks('middle_block.1.transformer_blocks.'), **extra,
             in_channels=sd['input_blocks.0.0.weight'].shape[1], out_channels=sd['out.2.weight'].shape[0],
             channels=channels, attn_levels=tuple(f'input_blocks.{b}.1.proj_in.weight' in sd for b in first),
             heads=(8,) * levels if context == 768 else tuple(max(c // 64, 1) for c in channels),
@@ -501,13 +544,17 @@ def infer_vae_config(sd, source):
             from None
 
 
-def open_clip_names(layers):
+def open_clip_names(layers, projection=False):
     """transformers' CLIP text keys (as saved on disk) -> OpenCLIP's (SD2's text encoder), which
-    fuses q, k, v into in_proj. Only the first `layers` blocks: SD2 uses the penultimate layer."""
+    fuses q, k, v into in_proj. Only the first `layers` blocks: SD2 uses the penultimate layer.
+    projection: SDXL's bigG keeps all its blocks and its text projection, for the pooled vector
+    (OpenCLIP's (width, proj) matrix is applied as x @ P, transformers' Linear weight is P.T)."""
     names = {'text_model.embeddings.token_embedding.weight': 'token_embedding.weight',
              'text_model.embeddings.position_embedding.weight': 'positional_embedding',
              'text_model.final_layer_norm.weight': 'ln_final.weight',
              'text_model.final_layer_norm.bias': 'ln_final.bias'}
+    if projection:
+        names['text_projection.weight'] = 'text_projection'  # transposed by the caller
     for i in range(layers):
         hf, oc = f'text_model.encoder.layers.{i}.', f'transformer.resblocks.{i}.'
         for leaf in ('weight', 'bias'):
@@ -529,12 +576,14 @@ def text_model_class(encoder_dir):
     return transformers.T5EncoderModel if t5 else transformers.CLIPTextModel
 
 
-def text_folder(text_dir, stage, weights=None, source=None):
+def text_folder(text_dir, stage, weights=None, source=None, suffix=''):
     """A folder with text_encoder/ and tokenizer/ for save_checkpoint. text_dir: a diffusers (or our)
     folder holding both, or a transformers folder. weights: the source file's own text encoder, in
-    transformers' on-disk names, to be written in text_dir's architecture."""
+    transformers' on-disk names, to be written in text_dir's architecture. suffix '_2': SDXL's
+    second encoder (text_encoder_2/, tokenizer_2/, with its text projection)."""
     text_dir = Path(text_dir)
-    enc, tok = (text_dir / 'text_encoder', text_dir / 'tokenizer') if has_text(text_dir) else (text_dir, text_dir)
+    enc, tok = ((text_dir / f'text_encoder{suffix}', text_dir / f'tokenizer{suffix}') if has_text(text_dir)
+                else (text_dir, text_dir))
     if not (enc / 'config.json').is_file():
         raise ConversionError(f"--text-encoder {text_dir} holds neither text_encoder/ + tokenizer/ nor a "
                               "transformers model")
@@ -543,27 +592,65 @@ def text_folder(text_dir, stage, weights=None, source=None):
     import transformers
     transformers.logging.set_verbosity_error()  # our errors name the keys; its load report would repeat them
     transformers.logging.disable_progress_bar()
-    cls = text_model_class(enc)
-    (stage / 'text_encoder').mkdir(parents=True)
+    cls = transformers.CLIPTextModelWithProjection if suffix else text_model_class(enc)
+    dest = stage / f'text_encoder{suffix}'
+    dest.mkdir(parents=True)
     if weights is None:
-        cls.from_pretrained(enc).save_pretrained(stage / 'text_encoder')
+        cls.from_pretrained(enc).save_pretrained(dest)
     else:  # written in the on-disk layout, then loaded once by transformers to check every key and shape
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(stage / 'text_encoder' / 'model.safetensors'),
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(dest / 'model.safetensors'),
                   metadata={'format': 'pt'})
-        cls.config_class.from_pretrained(enc).save_pretrained(stage / 'text_encoder')
+        cls.config_class.from_pretrained(enc).save_pretrained(dest)
         try:
-            _, info = cls.from_pretrained(stage / 'text_encoder', output_loading_info=True)
+            _, info = cls.from_pretrained(dest, output_loading_info=True)
         except RuntimeError as e:  # shape mismatches
             raise ConversionError(f"{source}: its text encoder does not fit {enc}: {one_line(e)}") from None
         if info['missing_keys'] or info['unexpected_keys']:
             raise ConversionError(f"{source}: its text encoder does not fit {enc}: "
                                   f"{key_report(sorted(info['missing_keys']), sorted(info['unexpected_keys']))}")
-    transformers.AutoTokenizer.from_pretrained(tok).save_pretrained(stage / 'tokenizer')
+    transformers.AutoTokenizer.from_pretrained(tok).save_pretrained(stage / f'tokenizer{suffix}')
     return stage
 
 
+@dataclass
+class OneStep:
+    """How a public one-step checkpoint samples its step: its architecture (a model.PRESETS name),
+    what its network predicts, and the timestep its pure noise is read at."""
+    arch: str
+    prediction_type: str
+    start_t: int
+    noise: str = 'unit'  # 'sigma': Euler with trailing spacing starts from sigma_T z (vsd.student_generate)
+
+
+# Each as its model card or code runs it, guidance off (0, or 1 where the pipeline's CFG is off at 1).
+ONE_STEP = {
+    # stabilityai/sd-turbo, stabilityai/sdxl-turbo: num_inference_steps=1, guidance_scale=0.0; the pipeline's
+    # Euler-ancestral scheduler with trailing spacing takes its one step from t = 999.
+    'sd_turbo': OneStep('sd_turbo', 'epsilon', 999, 'sigma'),
+    'sdxl_turbo': OneStep('sdxl_turbo', 'epsilon', 999, 'sigma'),
+    # tianweiy/DMD2: the SD1.5 generator maps noise at t = 999; the SDXL one-step UNet (dmd2_sdxl_1step_unet)
+    # runs with LCMScheduler, num_inference_steps=1, guidance_scale=0, timesteps=[399].
+    'dmd2_sd15': OneStep('sd15', 'epsilon', 999),
+    'dmd2_sdxl': OneStep('sdxl', 'epsilon', 399),
+    # ByteDance/SDXL-Lightning, sdxl_lightning_1step_unet_x0: EulerDiscreteScheduler(timestep_spacing="trailing",
+    # prediction_type="sample"), one step: the network's output at t = 999 is the image latent.
+    'sdxl_lightning_1step': OneStep('sdxl', 'sample', 999, 'sigma'),
+    # ByteDance/Hyper-SD, Hyper-SDXL-1step-Unet: LCMScheduler, num_inference_steps=1, guidance_scale=0,
+    # timesteps=[800] ("set start timesteps to 800 in the one-step inference").
+    'hyper_sdxl_1step': OneStep('sdxl', 'epsilon', 800),
+    # PixArt-alpha/PixArt-Alpha-DMD-XL-2-512x512: num_inference_steps=1, guidance_scale=1, timesteps=[400].
+    'pixart_alpha_dmd': OneStep('pixart_alpha_512', 'epsilon', 400),
+    # gnobitab/InstaFlow code/pipeline_rf.py (RectifiedFlowPipeline; diffusers' examples/community/
+    # instaflow_one_step.py, no pipeline in the package): t_i = 1000 (1 - i / steps), latents += dt * v with
+    # dt = 1 / steps, from the unscaled noise: t = 1000 is noise, v points to the data; in one step
+    # x0 = z + v(z, 1000) (model.NoiseSchedule.x0_eps, 'flow'; tests/test_one_step.py).
+    'instaflow': OneStep('sd15', 'flow', 1000),
+}
+
+
 def preset(args, cls):
-    cfg = model.PRESETS[args.preset] if args.preset else None
+    name = ONE_STEP[args.preset].arch if args.preset in ONE_STEP else args.preset
+    cfg = model.PRESETS[name] if name else None
     if cfg is not None and not isinstance(cfg, cls):
         raise ConversionError(f"--preset {args.preset} is a {type(cfg).__name__}, but this file holds a "
                               f"{cls.__name__[:-len('Config')]}")
@@ -579,8 +666,9 @@ LDM_SCHEDULE_BUFFERS = {'betas', 'alphas_cumprod', 'alphas_cumprod_prev', 'sqrt_
 
 def sd_single_file_parts(sd, path, args, stage):
     split = lambda prefix: {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    prefixes = ('model.diffusion_model.', 'first_stage_model.', 'cond_stage_model.')
-    unet_sd, vae_sd, text_sd = map(split, prefixes)
+    prefixes = ('model.diffusion_model.', 'first_stage_model.', 'cond_stage_model.', 'conditioner.')
+    unet_sd, vae_sd, text_sd, sdxl_text_sd = map(split, prefixes)
+    text_sd = text_sd or sdxl_text_sd  # SD1/2: cond_stage_model; SDXL (sgm): conditioner.embedders.0/1
     if not unet_sd:
         raise ConversionError(f"{path} has no model.diffusion_model.* keys, so it is not an SD single file"
                               f"{looks_like(sd)}")
@@ -588,12 +676,21 @@ def sd_single_file_parts(sd, path, args, stage):
     other = sorted(k for k in sd if not k.startswith((*prefixes, 'model_ema.')) and k not in LDM_SCHEDULE_BUFFERS)
     if other:
         raise ConversionError(f"{path}: keys outside the UNet, VAE and text encoder: {key_report([], other)}")
-    cfg = preset(args, model.UNetConfig) or infer_unet_config(unet_sd, path)
+    projection = sd.get('conditioner.embedders.1.model.text_projection')  # SDXL's bigG: (width, pooled)
+    cfg = preset(args, model.UNetConfig) or infer_unet_config(unet_sd, path, None if projection is None
+                                                              else projection.shape[1])
+    if ('label_emb.0.0.weight' in unet_sd) != (cfg.addition_embed is not None):
+        what = 'an SDXL file (label_emb)' if 'label_emb.0.0.weight' in unet_sd else 'not an SDXL file (no label_emb)'
+        raise ConversionError(f"{path} is {what} but --preset {args.preset} is "
+                              f"{'an SDXL' if cfg.addition_embed else 'not an SDXL'} UNet: pass the matching --preset "
+                              "(sdxl for SDXL) or leave --preset out")
     unet = load_strict(cfg, gather(unet_sd, ldm_unet_names(cfg), f"{path} (UNet)"), f"{path} (UNet)")
     if args.vae:
         vae = read_vae(args.vae)
     elif vae_sd:
         vcfg = infer_vae_config(vae_sd, path)
+        if cfg.addition_embed is not None:  # SDXL's VAE: SD's layout, its own latent scale
+            vcfg = replace(vcfg, scaling_factor=model.PRESETS['sdxl_vae'].scaling_factor)
         state = gather(vae_sd, ldm_vae_names(vcfg), f"{path} (VAE)")
         # the original VAE's attention projections are 1x1 convolutions, ours are linear layers
         state = {k: v[:, :, 0, 0] if '.attentions.' in k and v.ndim == 4 else v for k, v in state.items()}
@@ -617,6 +714,8 @@ def sd_text(text_sd, path, args, stage):
         raise ConversionError(f"{path} holds {has}: {PASS_TEXT}")
     if not text_sd:
         return text_folder(args.text_encoder, stage)
+    if any(k.startswith('embedders.') for k in text_sd):
+        return sdxl_text(text_sd, path, args, stage)
     if all(k.startswith('transformer.') for k in text_sd):
         weights = {k[len('transformer.'):]: v for k, v in text_sd.items()
                    if k != 'transformer.text_model.embeddings.position_ids'}  # an index buffer transformers rebuilds
@@ -633,6 +732,28 @@ def sd_text(text_sd, path, args, stage):
     else:
         raise ConversionError(f"{path}: unrecognised text encoder keys ({', '.join(sorted(text_sd)[:3])}, ...)")
     return text_folder(args.text_encoder, stage, weights, path)
+
+
+def sdxl_text(text_sd, path, args, stage):
+    """SDXL's two text encoders from its single file (sgm's conditioner): CLIP ViT-L in transformers'
+    layout under embedders.0.transformer, OpenCLIP bigG under embedders.1.model, all its blocks
+    and its text projection (the pooled vector); configs and tokenizers from an SDXL --text-encoder."""
+    if not has_text(args.text_encoder) or not has_text_2(args.text_encoder):
+        raise ConversionError(f"{path} is an SDXL file: --text-encoder {args.text_encoder} must be an SDXL diffusers "
+                              "folder (text_encoder/, tokenizer/, text_encoder_2/, tokenizer_2/)")
+    clip = 'embedders.0.transformer.'
+    weights = {k[len(clip):]: v for k, v in text_sd.items() if k.startswith(clip)
+               and not k.endswith('position_ids')}  # an index buffer transformers rebuilds
+    oc_prefix = 'embedders.1.model.'
+    oc = {k[len(oc_prefix):]: v for k, v in text_sd.items() if k.startswith(oc_prefix) and k != oc_prefix + 'logit_scale'}
+    other = sorted(k for k in text_sd if not k.startswith((clip, oc_prefix)))
+    if other:
+        raise ConversionError(f"{path}: conditioner keys outside its two text encoders: {key_report([], other)}")
+    layers = read_json(Path(args.text_encoder) / 'text_encoder_2' / 'config.json').get('num_hidden_layers')
+    weights_2 = gather(oc, open_clip_names(layers, projection=True), f"{path} (OpenCLIP bigG text encoder)")
+    weights_2['text_projection.weight'] = weights_2['text_projection.weight'].T
+    text_folder(args.text_encoder, stage, weights, path)
+    return text_folder(args.text_encoder, stage, weights_2, path, suffix='_2')
 
 
 # -----------------------------------------------------------------------------
@@ -702,9 +823,19 @@ def pixart_pth_parts(sd, path, args, stage):
 # Writing: our checkpoint folder, or a diffusers folder
 
 
+def check_one_step(cfg, name, src):
+    """The source's network must be of the one-step model's family (SD UNet, SDXL UNet or DiT)."""
+    want = model.PRESETS[ONE_STEP[name].arch]
+    kind = lambda c: ('an SDXL UNet' if c.addition_embed else 'an SD UNet') if isinstance(c, model.UNetConfig) \
+        else 'a DiT'
+    if kind(cfg) != kind(want):
+        raise ConversionError(f"{src} holds {kind(cfg)}, but --preset {name} is {kind(want)} "
+                              f"({ONE_STEP[name].arch}): pass the preset of the model this file is")
+
+
 def write_ours(out, parts, dtype):
     model.save_checkpoint(out, parts.denoiser.to(dtype), parts.vae.to(dtype), parts.schedule, parts.text_folder,
-                          parts.student_t)
+                          parts.student_t, parts.student_noise)
     if parts.null_caption is not None:
         null = {'null_caption': parts.null_caption.to(dtype).contiguous()}  # (120, caption_channels)
         save_file(null, str(Path(out) / 'null_caption.safetensors'))
@@ -727,11 +858,16 @@ def write_diffusers(out, parts, dtype):
     sub = 'unet' if unet else 'transformer'
     config = (diffusers_unet_config if unet else diffusers_dit_config)(parts.denoiser.cfg)
     write_component(tmp / sub, config, parts.denoiser, dtype)
-    index = {'_class_name': 'StableDiffusionPipeline' if unet else 'PixArtAlphaPipeline',
+    sdxl = unet and parts.denoiser.cfg.addition_embed is not None
+    index = {'_class_name': ('StableDiffusionXLPipeline' if sdxl else 'StableDiffusionPipeline') if unet
+             else 'PixArtAlphaPipeline',
              '_diffusers_version': DIFFUSERS_VERSION, sub: ['diffusers', config['_class_name']],
              'vae': [None, None], 'scheduler': ['diffusers', 'DDIMScheduler' if parts.student_t is None else 'DDPMScheduler'],
              'text_encoder': [None, None], 'tokenizer': [None, None]}
-    if unet:
+    if sdxl:  # the pooled text and second encoder; no negative prompt: zeros, as SDXL base (TextEncoder.null)
+        index.update(text_encoder_2=[None, None], tokenizer_2=[None, None], image_encoder=[None, None],
+                     feature_extractor=[None, None], force_zeros_for_empty_prompt=True)
+    elif unet:
         index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None],
                      requires_safety_checker=False)
     if isinstance(parts.vae, model.VAE):
@@ -750,6 +886,11 @@ def write_diffusers(out, parts, dtype):
         index['text_encoder'] = ['transformers', arch[0]]
         index['tokenizer'] = ['transformers', (read_json(tok) if tok.is_file() else {}).get('tokenizer_class')
                               or ('T5Tokenizer' if t5 else 'CLIPTokenizer')]
+        if has_text_2(parts.text_folder):
+            for part in ('text_encoder_2', 'tokenizer_2'):
+                shutil.copytree(Path(parts.text_folder) / part, tmp / part)
+            index['text_encoder_2'] = ['transformers', 'CLIPTextModelWithProjection']
+            index['tokenizer_2'] = ['transformers', 'CLIPTokenizer']
     (tmp / 'model_index.json').write_text(json.dumps(index, indent=2))
     model.swap_into_place(tmp, out)
 
@@ -800,12 +941,21 @@ def convert(args):
     cli.replaceable_folder('OUT', out)  # before the slow reads
     with tempfile.TemporaryDirectory() as stage:
         parts = read_source(src, args, Path(stage))
+        one_step = ONE_STEP.get(args.preset)
+        if one_step:
+            check_one_step(parts.denoiser.cfg, args.preset, src)
+            parts.schedule = model.NoiseSchedule(replace(parts.schedule.config, prediction_type=one_step.prediction_type))
+            parts.student_t, parts.student_noise = one_step.start_t, one_step.noise
         if args.prediction_type:
             parts.schedule = model.NoiseSchedule(replace(parts.schedule.config, prediction_type=args.prediction_type))
         if args.no_text:
             parts.text_folder = None
         elif parts.text_folder is None:
             raise ConversionError(f"{src} comes without a text encoder and tokenizer: {PASS_TEXT}")
+        elif getattr(parts.denoiser.cfg, 'addition_embed', None) and not has_text_2(parts.text_folder):
+            raise ConversionError(f"{src} is an SDXL UNet but {parts.text_folder} has no second text encoder "
+                                  "(text_encoder_2/ and tokenizer_2/): pass --text-encoder DIR of an SDXL diffusers "
+                                  "folder, or --no-text")
         (write_ours if args.to == 'ours' else write_diffusers)(out, parts, getattr(torch, args.dtype))
     count = lambda net: f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M parameters"
     s = parts.schedule.config
@@ -827,10 +977,13 @@ def parse_args(argv=None):
                    default=None, help="the source's format; None: detected from its layout")
     p.add_argument('--to', choices=['ours', 'diffusers'], default='ours',
                    help="write our checkpoint folder, or a diffusers pipeline folder")
-    p.add_argument('--preset', choices=[k for k, c in model.PRESETS.items() if not isinstance(c, model.VAEConfig)],
-                   default=None, help="the denoiser's architecture, for single files and .pth files, which carry "
-                                      "no config; None: read off the tensor shapes")
-    p.add_argument('--prediction-type', choices=['epsilon', 'v_prediction'], default=None,
+    p.add_argument('--preset', default=None, choices=list(dict.fromkeys(
+                       [k for k, c in model.PRESETS.items() if not isinstance(c, model.VAEConfig)] + list(ONE_STEP))),
+                   help="the denoiser's architecture, for single files and .pth files, which carry no config (None: "
+                        f"read off the tensor shapes); or a public one-step model ({', '.join(ONE_STEP)}), whose "
+                        "architecture, parameterisation and start timestep are then stored with the checkpoint, so "
+                        "sample.py needs no flags")
+    p.add_argument('--prediction-type', choices=list(model.PREDICTION_TYPES), default=None,
                    help="what the denoiser predicts; None: the source's scheduler config (single files: epsilon, "
                         "or v_prediction with --preset sd21_768)")
     p.add_argument('--text-encoder', metavar='DIR', default=None,

@@ -497,7 +497,7 @@ def parse_args(argv=None):
     a('--fd-reference-limit', type=int, default=0, help='reference images read, 0 for all (default: %(default)s)')
     a('--negative-prompt', help='negative prompt with NASA for the prompt-file images (SNOOPI v3 uses a generic '
                                 '"worst quality, low quality, ..." for HPSv2) (default: none)')
-    a('--nasa-scale', type=float, help="NASA alpha (default: the paper's value for the backbone, SNOOPI Table 8)")
+    a('--nasa-scale', type=float, help="NASA alpha (default: the paper's value for the backbone, SNOOPI v3)")
     a('--nasa-layers', help='comma-separated substrings of the cross-attention layers NASA acts in (default: all)')
     a('--batch-size', type=int, default=16, help='images per generator call (default: %(default)s)')
     a('--height', type=int, help="image height in pixels (default: the network's training size)")

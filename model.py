@@ -112,6 +112,15 @@ class UNetConfig:
     linear_proj: bool = False                   # SD2 projects in/out of transformers linearly
     norm_groups: int = 32
     sample_size: int = 64                       # default latent size (image size / 8)
+    transformer_depth: tuple = 1                # transformer blocks per spatial transformer: one, or per level
+    mid_depth: int = 1                          # ... in the mid block
+    addition_embed: str = None                  # 'text_time' (SDXL): pooled text + size/crop ids join the timestep
+    addition_time_dim: int = 256                # sinusoid width of each of SDXL's 6 size/crop ids
+    pooled_dim: int = 0                         # width of the pooled text embedding (SDXL: 1280)
+
+    def depth(self, level):
+        d = self.transformer_depth
+        return d[level] if isinstance(d, (tuple, list)) else d
 
 
 class ResBlock(nn.Module):
@@ -148,12 +157,12 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    def __init__(self, ch, heads, context_dim, linear_proj, groups):
+    def __init__(self, ch, heads, context_dim, linear_proj, groups, depth=1):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         proj = (lambda: nn.Linear(ch, ch)) if linear_proj else (lambda: nn.Conv2d(ch, ch, 1))
         self.proj_in, self.proj_out = proj(), proj()
-        self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim)])
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim) for _ in range(depth)])
 
     def _proj(self, layer, x):  # 1x1 conv and linear are the same map; apply either to (B, HW, C)
         return layer(x) if isinstance(layer, nn.Linear) else F.linear(x, layer.weight[:, :, 0, 0], layer.bias)
@@ -217,12 +226,12 @@ class Level(nn.Module):
     transformer, then a down- or up-sampler. (`downsamplers`/`upsamplers` are lists of one, as
     in the checkpoints.)"""
 
-    def __init__(self, in_chs, cout, emb_dim, heads, cfg, attn, down=False, up=False):
+    def __init__(self, in_chs, cout, emb_dim, heads, cfg, attn, down=False, up=False, depth=1):
         super().__init__()
         g = cfg.norm_groups
         self.resnets = nn.ModuleList([ResBlock(c, cout, emb_dim, g, 1e-5) for c in in_chs])
         self.attentions = nn.ModuleList(
-            [SpatialTransformer(cout, heads, cfg.context_dim, cfg.linear_proj, g) for _ in in_chs] if attn else [])
+            [SpatialTransformer(cout, heads, cfg.context_dim, cfg.linear_proj, g, depth) for _ in in_chs] if attn else [])
         if down:
             self.downsamplers = nn.ModuleList([Downsample(cout)])
         if up:
@@ -247,18 +256,22 @@ class UNet(nn.Module):
         C, L, emb_dim = cfg.channels, cfg.layers_per_block, 4 * cfg.channels[0]
         self.conv_in = nn.Conv2d(cfg.in_channels, C[0], 3, padding=1)
         self.time_embedding = TimestepMLP(C[0], emb_dim)
+        if cfg.addition_embed == 'text_time':  # SDXL: pooled text (pooled_dim) + 6 ids, each a sinusoid
+            self.add_embedding = TimestepMLP(cfg.pooled_dim + 6 * cfg.addition_time_dim, emb_dim)
+        elif cfg.addition_embed is not None:
+            raise ValueError(f"unknown addition_embed {cfg.addition_embed!r}: expected None or 'text_time'")
         # Build the down path while keeping a stack of skip-connection widths, which the up path pops.
         ch, skips = C[0], [C[0]]
         self.down_blocks = nn.ModuleList()
         for i, cout in enumerate(C):
             last = i == len(C) - 1
             self.down_blocks.append(Level([ch] + [cout] * (L - 1), cout, emb_dim, cfg.heads[i], cfg,
-                                          cfg.attn_levels[i], down=not last))
+                                          cfg.attn_levels[i], down=not last, depth=cfg.depth(i)))
             ch = cout
             skips += [cout] * (L + (not last))
         self.mid_block = Level([ch, ch], ch, emb_dim, cfg.heads[-1], cfg, attn=False)
         self.mid_block.attentions.append(SpatialTransformer(ch, cfg.heads[-1], cfg.context_dim, cfg.linear_proj,
-                                                            cfg.norm_groups))
+                                                            cfg.norm_groups, cfg.mid_depth))
         self.up_blocks = nn.ModuleList()
         for i, cout in enumerate(reversed(C)):
             level = len(C) - 1 - i
@@ -267,14 +280,26 @@ class UNet(nn.Module):
                 in_chs.append(ch + skips.pop())
                 ch = cout
             self.up_blocks.append(Level(in_chs, cout, emb_dim, cfg.heads[level], cfg, cfg.attn_levels[level],
-                                        up=level > 0))
+                                        up=level > 0, depth=cfg.depth(level)))
         self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, C[0], eps=1e-5)
         self.conv_out = nn.Conv2d(C[0], cfg.out_channels, 3, padding=1)
 
-    def forward(self, x, t, context, mask=None):
+    def text_time(self, added):
+        """SDXL's added conditioning: the pooled text, then each size/crop id as a sinusoid."""
+        if added is None or added.shape[-1] != self.cfg.pooled_dim + 6:
+            raise ValueError(f"this UNet needs `added`: the pooled text embedding ({self.cfg.pooled_dim}) and 6 "
+                             f"size/crop ids, concatenated; got {None if added is None else tuple(added.shape)}")
+        pooled, ids = added[:, :-6], added[:, -6:]
+        ids = timestep_embedding(ids.flatten(), self.cfg.addition_time_dim).reshape(len(added), -1)  # (B, 6*256)
+        return torch.cat([pooled.float(), ids], dim=-1)
+
+    def forward(self, x, t, context, mask=None, added=None):
         """x: (B, in, H, W) noisy input; t: (B,) timesteps; context: (B, L, context_dim) text
-        embeddings. Returns the network output (eps or v) of shape (B, out, H, W)."""
+        embeddings; added (SDXL): the pooled text embedding and the 6 size/crop ids, concatenated
+        (B, pooled_dim + 6) (see `sdxl_added`). Returns the network output of shape (B, out, H, W)."""
         emb = self.time_embedding(timestep_embedding(t, self.cfg.channels[0]).to(x.dtype))
+        if self.cfg.addition_embed is not None:
+            emb = emb + self.add_embedding(self.text_time(added).to(x.dtype))
         x = self.conv_in(x)
         skips = [x]
         for block in self.down_blocks:
@@ -563,7 +588,10 @@ class Schedule:
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = 'scaled_linear'  # or 'linear'
-    prediction_type: str = 'epsilon'      # or 'v_prediction'
+    prediction_type: str = 'epsilon'      # or 'v_prediction', 'sample' (x0), 'flow' (rectified flow)
+
+
+PREDICTION_TYPES = ('epsilon', 'v_prediction', 'sample', 'flow')
 
 
 class NoiseSchedule(nn.Module):
@@ -578,8 +606,8 @@ class NoiseSchedule(nn.Module):
             betas = torch.linspace(s.beta_start, s.beta_end, s.num_train_timesteps, dtype=torch.float64)
         else:
             raise ValueError(f"unknown beta_schedule {s.beta_schedule!r}: expected 'scaled_linear' or 'linear'")
-        if s.prediction_type not in ('epsilon', 'v_prediction'):
-            raise ValueError(f"unknown prediction_type {s.prediction_type!r}: expected 'epsilon' or 'v_prediction'")
+        if s.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"unknown prediction_type {s.prediction_type!r}: expected one of {PREDICTION_TYPES}")
         self.config = s
         self.register_buffer('alphas_cumprod', torch.cumprod(1 - betas, 0).float(), persistent=False)
 
@@ -598,15 +626,25 @@ class NoiseSchedule(nn.Module):
 
     def x0_eps(self, out, x_t, t):
         """(x0, eps) from the network output at x_t."""
+        kind = self.config.prediction_type
+        if kind == 'flow':  # rectified flow (InstaFlow): x_t = s eps + (1 - s) x0, s = t / T, out = v = x0 - eps
+            s = (t.to(x_t.dtype) / self.T).reshape(-1, *([1] * (x_t.ndim - 1)))
+            return x_t + s * out, x_t - (1 - s) * out
         alpha, sigma = (s.to(x_t.dtype) for s in self.alpha_sigma(t, x_t.ndim))
-        if self.config.prediction_type == 'epsilon':
+        if kind == 'epsilon':
             return (x_t - sigma * out) / alpha, out
+        if kind == 'sample':
+            return out, (x_t - alpha * out) / sigma
         return alpha * x_t - sigma * out, sigma * x_t + alpha * out  # v = alpha eps - sigma x0
 
     def target(self, x0, eps, t):
         """What the network is trained to output."""
         if self.config.prediction_type == 'epsilon':
             return eps
+        if self.config.prediction_type == 'sample':
+            return x0
+        if self.config.prediction_type == 'flow':
+            raise ValueError("a rectified-flow network is not trained by this project's objective")
         alpha, sigma = self.alpha_sigma(t, x0.ndim)
         return alpha.to(x0.dtype) * eps - sigma.to(x0.dtype) * x0
 
@@ -621,6 +659,9 @@ class TextEncoder(nn.Module):
     CLIP (SD): last_hidden_state; a checkpoint that uses the penultimate layer (SD2) ships a text
     encoder truncated by one layer, so its own config selects the layer. No mask: SD attends to
     padding. T5 (PixArt): 120 tokens and their attention mask, which the DiT uses.
+    SDXL (text_encoder_2/ and tokenizer_2/ beside them): CLIP ViT-L and OpenCLIP bigG, each one's
+    penultimate hidden states, concatenated (768 + 1280 = 2048); the pooled vector is the second
+    encoder's projected output (`encode`).
     """
 
     def __init__(self, folder):
@@ -637,9 +678,20 @@ class TextEncoder(nn.Module):
         self.model = model_cls.from_pretrained(folder / 'text_encoder').requires_grad_(False).eval()
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(folder / 'tokenizer')
         self.max_length = 120 if self.is_t5 else self.tokenizer.model_max_length
+        self.model_2 = self.tokenizer_2 = None
+        if (folder / 'text_encoder_2').is_dir() or (folder / 'tokenizer_2').is_dir():
+            for sub in ('text_encoder_2', 'tokenizer_2'):
+                if not (folder / sub).is_dir():
+                    raise FileNotFoundError(f"{folder} has no {sub}/ folder: an SDXL checkpoint needs both text "
+                                            "encoders and both tokenizers")
+            self.model_2 = transformers.CLIPTextModelWithProjection.from_pretrained(
+                folder / 'text_encoder_2').requires_grad_(False).eval()
+            self.tokenizer_2 = transformers.AutoTokenizer.from_pretrained(folder / 'tokenizer_2')
 
     @property
     def dim(self):
+        if self.model_2 is not None:
+            return self.model.config.hidden_size + self.model_2.config.hidden_size
         return self.model.config.hidden_size if not self.is_t5 else self.model.config.d_model
 
     def too_long(self, prompts):
@@ -647,16 +699,51 @@ class TextEncoder(nn.Module):
         ids = self.tokenizer(list(prompts), truncation=False, verbose=False).input_ids
         return [(p, len(i)) for p, i in zip(prompts, ids) if len(i) > self.max_length]
 
+    def _ids(self, tokenizer, prompts, max_length, device):
+        return tokenizer(list(prompts), padding='max_length', max_length=max_length, truncation=True,
+                         return_tensors='pt').to(device)
+
     @torch.no_grad()
-    def forward(self, prompts):
-        """list of n prompts -> (embeddings (n, L, dim), mask (n, L) bool, or None for CLIP)."""
+    def encode(self, prompts):
+        """list of n prompts -> (embeddings (n, L, dim), mask (n, L) bool or None for CLIP, pooled
+        (n, pooled dim) for SDXL or None)."""
         device = next(self.model.parameters()).device
-        tok = self.tokenizer(list(prompts), padding='max_length', max_length=self.max_length,
-                             truncation=True, return_tensors='pt').to(device)
+        tok = self._ids(self.tokenizer, prompts, self.max_length, device)
         if self.is_t5:
             mask = tok.attention_mask.bool()
-            return self.model(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state, mask
-        return self.model(tok.input_ids).last_hidden_state, None
+            return self.model(tok.input_ids, attention_mask=tok.attention_mask).last_hidden_state, mask, None
+        if self.model_2 is None:
+            return self.model(tok.input_ids).last_hidden_state, None, None
+        h1 = self.model(tok.input_ids, output_hidden_states=True).hidden_states[-2]
+        out = self.model_2(self._ids(self.tokenizer_2, prompts, self.tokenizer_2.model_max_length, device).input_ids,
+                           output_hidden_states=True)
+        return torch.cat([h1, out.hidden_states[-2]], dim=-1), None, out.text_embeds  # (n, 77, 2048), (n, 1280)
+
+    def forward(self, prompts):
+        """list of n prompts -> (embeddings (n, L, dim), mask (n, L) bool, or None for CLIP)."""
+        return self.encode(prompts)[:2]
+
+    @torch.no_grad()
+    def null(self):
+        """The unconditional input of classifier-free guidance, as `encode` returns it for one prompt.
+        SD and PixArt: the empty prompt, encoded. SDXL: zeros for the sequence and the pooled vector,
+        as SDXL base's pipeline does for an absent negative prompt (diffusers' StableDiffusionXLPipeline,
+        force_zeros_for_empty_prompt=True in stabilityai/stable-diffusion-xl-base-1.0's model_index.json;
+        the original trainer dropped the text by zeroing its embeddings)."""
+        if self.model_2 is None:
+            return self.encode([''])
+        w = next(self.model_2.parameters())
+        zeros = torch.zeros(1, self.max_length, self.dim, device=w.device, dtype=w.dtype)
+        return zeros, None, torch.zeros(1, self.model_2.config.projection_dim, device=w.device, dtype=w.dtype)
+
+
+def sdxl_added(pooled, height, width, crop=(0, 0), original=None):
+    """SDXL's added conditioning (B, pooled + 6): the pooled text embedding and the size/crop ids
+    (original height, width, crop top, left, target height, width), in pixels. original: the
+    training image's size the model is asked to imitate; None: the target size."""
+    oh, ow = original or (height, width)
+    ids = torch.tensor([oh, ow, crop[0], crop[1], height, width], dtype=pooled.dtype, device=pooled.device)
+    return torch.cat([pooled, ids.expand(len(pooled), 6)], dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -672,10 +759,26 @@ PRESETS = {
                             context_dim=32, sample_size=16),
     'shapes': UNetConfig(in_channels=3, out_channels=3, channels=(32, 64, 64), attn_levels=(False, True, True),
                          heads=(4, 4, 4), layers_per_block=1, context_dim=64, norm_groups=8, sample_size=32),
+    # SDXL base (and SDXL-Turbo, DMD2, Lightning, Hyper-SD): no attention at the first level, 1/2/10
+    # transformer blocks per level and 10 in the mid block, 64-wide heads, 2048-wide context (CLIP-L + bigG).
+    'sdxl': UNetConfig(channels=(320, 640, 1280), attn_levels=(False, True, True), heads=(5, 10, 20),
+                       context_dim=2048, linear_proj=True, sample_size=128, transformer_depth=(1, 2, 10),
+                       mid_depth=10, addition_embed='text_time', pooled_dim=1280),
+    'sdxl_turbo': UNetConfig(channels=(320, 640, 1280), attn_levels=(False, True, True), heads=(5, 10, 20),
+                             context_dim=2048, linear_proj=True, sample_size=64, transformer_depth=(1, 2, 10),
+                             mid_depth=10, addition_embed='text_time', pooled_dim=1280),  # SDXL at 512 px
+    'tiny_sdxl': UNetConfig(channels=(32, 64), attn_levels=(False, True), heads=(2, 2), layers_per_block=1,
+                            context_dim=64, linear_proj=True, sample_size=16, transformer_depth=(1, 2), mid_depth=2,
+                            addition_embed='text_time', addition_time_dim=8, pooled_dim=32),
     'pixart_alpha_512': DiTConfig(),
     'pixart_alpha_1024': DiTConfig(sample_size=128, interpolation_scale=2.0, size_conditioning=True),
     'tiny_dit': DiTConfig(depth=2, heads=2, head_dim=16, caption_channels=32, sample_size=16),
+    # The shapes world's second backbone: a pixel-space DiT on 32x32x3 in 2x2 patches (256 tokens),
+    # cross-attending to the world's 64-wide CLIP text states; no learned sigma.
+    'shapes_dit': DiTConfig(in_channels=3, out_channels=3, depth=6, heads=4, head_dim=16, patch_size=2,
+                            caption_channels=64, sample_size=32),
     'sd_vae': VAEConfig(),
+    'sdxl_vae': VAEConfig(scaling_factor=0.13025),  # SD's layout; the SDXL VAE overflows in float16
     'tiny_vae': VAEConfig(channels=(32, 64), layers_per_block=1),
 }
 SCHEDULES = {
@@ -790,6 +893,10 @@ class Pipeline:
     schedule: NoiseSchedule
     text_encoder: TextEncoder = None
     student_t: int = None  # a one-step student's start timestep; None for a multi-step model
+    student_noise: str = 'unit'  # 'sigma': its noise is scaled by sigma at the start (vsd.student_generate)
+
+
+STUDENT_NOISE = ('unit', 'sigma')  # how a one-step model's start noise is scaled (Pipeline.student_noise)
 
 
 def finish_interrupted_save(folder):
@@ -813,7 +920,10 @@ def finish_interrupted_save(folder):
     return done
 
 
-def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t=None):
+TEXT_PARTS = ('text_encoder', 'tokenizer', 'text_encoder_2', 'tokenizer_2')  # SDXL has the last two
+
+
+def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t=None, student_noise='unit'):
     """The project's checkpoint folder: denoiser.safetensors, vae.safetensors (none in pixel space),
     schedule.json, text_encoder/ + tokenizer/ copied from text_folder (transformers' layout) and, for
     a one-step student, the timestep it starts from (in schedule.json).
@@ -827,11 +937,14 @@ def save_checkpoint(folder, denoiser, vae, schedule, text_folder=None, student_t
     save_module(denoiser, tmp / 'denoiser.safetensors')
     if isinstance(vae, VAE):
         save_module(vae, tmp / 'vae.safetensors')
-    meta = {} if student_t is None else {'student_t': student_t % schedule.T}
+    meta = {} if student_t is None else {'student_t': student_t if 0 <= student_t <= schedule.T else student_t % schedule.T}
+    if student_noise != 'unit':
+        meta['student_noise'] = student_noise
     (tmp / 'schedule.json').write_text(json.dumps({**asdict(schedule.config), **meta}, indent=2))
     if text_folder is not None:
-        for sub in ('text_encoder', 'tokenizer'):
-            shutil.copytree(Path(text_folder) / sub, tmp / sub)
+        for sub in TEXT_PARTS:
+            if sub in TEXT_PARTS[:2] or (Path(text_folder) / sub).is_dir():
+                shutil.copytree(Path(text_folder) / sub, tmp / sub)
     swap_into_place(tmp, folder)
 
 
@@ -846,11 +959,11 @@ def swap_into_place(tmp, folder):
 
 
 def read_schedule(folder):
-    """(Schedule, student_t or None) from a checkpoint folder's schedule.json."""
+    """(Schedule, student_t or None, student_noise) from a checkpoint folder's schedule.json."""
     path = Path(folder) / 'schedule.json'
     try:
         sched = json.loads(path.read_text())
-        student_t = sched.pop('student_t', None)
+        student_t, noise = sched.pop('student_t', None), sched.pop('student_noise', 'unit')
         schedule = Schedule(**sched)
         NoiseSchedule(schedule)  # its fields are checked here
     except FileNotFoundError:
@@ -859,10 +972,13 @@ def read_schedule(folder):
     except (ValueError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{path} is not a schedule this project reads: {str(e).splitlines()[0]} (write it "
                               "again with convert.py)") from None
-    if student_t is not None and not (isinstance(student_t, int) and 0 <= student_t < schedule.num_train_timesteps):
+    if student_t is not None and not (isinstance(student_t, int) and 0 <= student_t <= schedule.num_train_timesteps):
         raise CheckpointError(f"{path}: student_t={student_t!r} is not a timestep of the schedule (0 to "
-                              f"{schedule.num_train_timesteps - 1}; write it again with convert.py)")
-    return schedule, student_t
+                              f"{schedule.num_train_timesteps}; write it again with convert.py)")
+    if noise not in STUDENT_NOISE:
+        raise CheckpointError(f"{path}: student_noise={noise!r} is not one of {', '.join(STUDENT_NOISE)} (write it "
+                              "again with convert.py)")
+    return schedule, student_t, noise
 
 
 def check_parts(folder, denoiser, vae, text_dim=None):
@@ -888,7 +1004,7 @@ def load_checkpoint(folder, device='cpu', dtype=torch.float32, text=True):
     if not (folder / 'denoiser.safetensors').is_file():
         raise CheckpointError(f"{folder} is not a checkpoint folder (no denoiser.safetensors): "
                               "convert a downloaded model with `python convert.py SRC OUT` first")
-    schedule, student_t = read_schedule(folder)
+    schedule, student_t, noise = read_schedule(folder)
     denoiser = load_module(folder / 'denoiser.safetensors', device, dtype).eval()
     vae_path = folder / 'vae.safetensors'
     vae = load_module(vae_path, device, dtype).eval() if vae_path.is_file() else PixelSpace()
@@ -903,4 +1019,4 @@ def load_checkpoint(folder, device='cpu', dtype=torch.float32, text=True):
             raise CheckpointError(f"{folder}: its text encoder cannot be loaded: {one_line(e)} (copy text_encoder/ "
                                   "and tokenizer/ again from the model it came with)") from None
         check_parts(folder, denoiser, vae, text_encoder.dim)
-    return Pipeline(denoiser, vae, NoiseSchedule(schedule).to(device), text_encoder, student_t)
+    return Pipeline(denoiser, vae, NoiseSchedule(schedule).to(device), text_encoder, student_t, noise)

@@ -8,7 +8,9 @@ negative-prompt success, Frechet distance, diversity).
     python shapes.py make-text-encoder out/shapes      # text_encoder/ and tokenizer/
     python shapes.py show out/real.png                 # a grid of 64 real samples
     python shapes.py prompts out/prompts.txt           # the world's 27 distinct captions
+    python shapes.py negatives out/negatives.txt       # NASA-T's negative prompts (train.py --nasa-train)
     python shapes.py train-teacher                     # the teacher, from scratch: runs/shapes_teacher/teacher
+    python shapes.py train-teacher --arch shapes_dit --out runs/shapes_dit_teacher   # the DiT teacher
     python shapes.py evaluate                          # the shipped teacher and student, scored
     python shapes.py curve runs/a-s0 runs/a-s1 --last  # the students of train.py runs, scored
 """
@@ -242,6 +244,21 @@ def world_captions():
     """The world's distinct non-null captions, sorted: 18 full, 3 shape-only, 6 colour-only."""
     return sorted({caption(kind, shape, colour) for kind in CAPTION_KINDS if kind != "null"
                    for shape in SHAPES for colour in COLOURS})
+
+
+def negative_prompts():
+    """NASA-T's negatives in this world (train.py --nasa-train --negative-prompts): the attribute
+    words, each colour and each shape. SNOOPI v3 draws generic quality terms ("bad photo, low
+    quality"), but this world has no quality to be bad at and its tokenizer knows only its own words;
+    what a negative prompt does here is remove an attribute, as in NEGATIVE_PAIRS, so the student
+    learns NASA against those words. train.py draws a negative per sample, not knowing the prompt
+    (v3 states no pairing): for "a {colour} {shape}" captions 2 draws in 9 name an attribute the
+    prompt names too; the colour or shape the prompt leaves unnamed is what the pairs test."""
+    return list(COLOURS) + list(SHAPES)
+
+
+def write_negatives(path):
+    Path(path).write_text("\n".join(negative_prompts()) + "\n")
 
 
 def write_prompts(path):
@@ -824,10 +841,14 @@ def format_curves(curves):
 # Training the world's teacher
 
 
+TEACHER_ARCHS = ("shapes", "shapes_dit")  # model.PRESETS: the world's UNet and its pixel-space DiT
+
+
 def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3, ema=0.999, seed=0,
                   text_encoder="checkpoints/shapes_text", prediction_type="v_prediction", save_every=500,
-                  log_every=10, resume=False, device=""):
-    """Train the shapes UNet from scratch on real samples by plain denoising; write out/teacher.
+                  log_every=10, resume=False, device="", arch="shapes"):
+    """Train the shapes UNet (arch 'shapes') or DiT ('shapes_dit') from scratch on real samples by
+    plain denoising; write out/teacher.
 
     The network's own target (v for a v network), no null-prompt dropout (the null caption is 10% of
     the world's), AdamW with a 2% warm-up then cosine decay to zero, gradients clipped at 1, an EMA
@@ -845,11 +866,11 @@ def train_teacher(out="runs/shapes_teacher", steps=2400, batch_size=32, lr=1e-3,
     out = Path(out)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)  # the initial weights
-    net = M.build(M.PRESETS["shapes"]).to(device)
+    net = M.build(M.PRESETS[arch]).to(device)
     schedule = M.NoiseSchedule(M.Schedule(prediction_type=prediction_type)).to(device)
     prompts = world_captions() + [""]
     digest = hashlib.sha1(json.dumps([str(text_encoder), prompts]).encode()).hexdigest()[:12]
-    prompts, ctx, _, null = cache_prompts(M.TextEncoder(text_encoder).to(device), prompts,
+    prompts, ctx, _, _, null = cache_prompts(M.TextEncoder(text_encoder).to(device), prompts,
                                           out / "prompt_cache" / f"{digest}-0-of-1.safetensors")
     null = (null[0].to(device), None)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0)
@@ -913,6 +934,9 @@ def main(argv=None):
     show.add_argument("--seed", type=int, default=0, help="seed of the samples")
     prompts = command("prompts", "write the world's distinct non-null captions to OUT, one per line, sorted")
     prompts.add_argument("out", help="text file to write")
+    negs = command("negatives", "write NASA-T's negative prompts of the world to OUT, one per line: each colour "
+                                "and each shape (for train.py --nasa-train --negative-prompts OUT)")
+    negs.add_argument("out", help="text file to write")
     tt = command("train-teacher", "train the world's teacher from scratch (plain denoising); writes OUT/teacher")
     tt.add_argument("--out", default="runs/shapes_teacher", help="output folder: checkpoints/, log.jsonl, teacher/")
     tt.add_argument("--steps", type=int, default=2400, help="training steps")
@@ -927,6 +951,8 @@ def main(argv=None):
     tt.add_argument("--log-every", type=int, default=10, help="append the loss to log.jsonl every N steps")
     tt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     tt.add_argument("--device", default="", help="device ('': cuda if available, else cpu)")
+    tt.add_argument("--arch", default="shapes", help=f"the network, one of {', '.join(TEACHER_ARCHS)} "
+                                                     "(model.py presets: the UNet, the pixel-space DiT)")
     tc = command("train-clip", "train a small CLIP of the world for evaluate.py --clip (one thread: minutes)")
     tc.add_argument("--out", default="runs/shapes_clip", help="folder to write the CLIPModel and tokenizer to")
     tc.add_argument("--steps", type=int, default=800, help="training steps")
@@ -983,8 +1009,11 @@ def main(argv=None):
     elif args.command == "train-teacher":
         folder = train_teacher(args.out, args.steps, args.batch_size, args.lr, args.ema, args.seed,
                                args.text_encoder, args.prediction_type, args.save_every, args.log_every,
-                               args.resume, args.device)
+                               args.resume, args.device, args.arch)
         print(f"wrote {folder}")
+    elif args.command == "negatives":
+        write_negatives(args.out)
+        print(f"wrote {len(negative_prompts())} negative prompts to {args.out}")
     elif args.command == "prompts":
         write_prompts(args.out)
         print(f"wrote {len(world_captions())} prompts to {args.out}")
@@ -1020,6 +1049,8 @@ def check_args(args):
         for run in args.runs:
             run_students(run, args.last)
     if args.command == "train-teacher":
+        if args.arch not in TEACHER_ARCHS:
+            raise cli.UserError(f"--arch must be one of {', '.join(TEACHER_ARCHS)}, got {args.arch!r}")
         for flag, value, rule in [("--steps", args.steps, dict(low=1)), ("--batch-size", args.batch_size, dict(low=1)),
                                   ("--lr", args.lr, dict(low=0, low_open=True)),
                                   ("--ema", args.ema, dict(low=0, high=1, high_open=True)),
@@ -1048,7 +1079,7 @@ def check_args(args):
         if Path(args.out).suffix.lower() not in Image.registered_extensions():
             raise cli.UserError(f"OUT {args.out} does not end in an image format Pillow writes (end it with .png)")
         cli.writable_file("OUT", args.out)
-    if args.command == "prompts":
+    if args.command in ("prompts", "negatives"):
         cli.writable_file("OUT", args.out)
 
 

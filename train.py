@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -37,6 +38,9 @@ from vsd import option
 class TrainConfig(vsd.VSDConfig):
     teacher: str = option('', 'teacher checkpoint folder (convert.py output); the student starts as its copy')
     prompts: str = option('', 'text file, one prompt per line')
+    nasa_train: bool = option(False, "NASA-T (SNOOPI v3): the student generates with NASA against a negative prompt per sample, at alpha ~ U(0, nasa_alpha_max) drawn each iteration; the frozen teacher's CFG puts the negative in the unconditional slot; the LoRA teacher gets none")
+    negative_prompts: str = option('', 'for --nasa-train: text file, one negative prompt per line; each rank draws its own per sample')
+    nasa_alpha_max: float = option(1.0, "for --nasa-train: the upper end of the student's NASA scale (SNOOPI v3: 1)")
     out: str = option('runs/shapes', 'output folder: checkpoints, log.jsonl, validation grids, student/')
     steps: int = option(2000, 'training steps')
     batch_size: int = option(32, 'global batch size, split over the ranks')
@@ -72,6 +76,10 @@ PRESETS = {  # the paper's hyperparameters (SNOOPI Table 6); command-line flags 
     # error 150-fold, so the student starts lower, as public one-step PixArt students do.
     'pixart_alpha_512': dict(steps=60000, batch_size=64, kappa_max=3.0, clip_weight=0.1, student_t=400,
                              val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
+    # SDXL base as the teacher (1024 px, its pooled text and size ids cached with the prompts). SNOOPI's
+    # Table 6 trains no SDXL student: these are its SD2.1 values, the teacher's CFG range being alike.
+    'sdxl': dict(steps=40000, batch_size=64, kappa_max=4.0, clip_weight=0.1,
+                 val_prompts='a photo of a cat|a portrait of an astronaut|a bowl of fruit|a city at night'),
     # The shapes student (README, "The shapes world"). The attention-only LoRA of the paper cannot
     # follow the student at 32x32, where this UNet has no attention: LoRA on the ResNet convolutions too.
     # The shipped student's recipe, SwiftBrush's LoRA loss included: it follows prompts (0.93) but draws
@@ -112,7 +120,9 @@ RANGES = {
     'save_every': dict(low=1), 'keep': dict(low=1), 'log_every': dict(low=1), 'val_every': dict(low=0),
     'seed': dict(low=0, high=2 ** 31 - 1), 'kappa_min': dict(low=0), 'kappa_fixed': dict(low=0), 'lora_kappa': dict(low=0), 't_min': dict(low=0),
     'null_prob': dict(low=0, high=1), 'lora_updates': dict(low=1), 'clip_weight': dict(low=0),
-    'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0),
+    'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'nasa_alpha_max': dict(low=0),
+    'regression_weight': dict(low=0), 'regression_pairs': dict(low=1), 'regression_steps': dict(low=1),
+    'regression_cfg': dict(low=0),
 }
 
 
@@ -130,6 +140,10 @@ def check_config(cfg):
             raise cli.UserError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     cli.number('--kappa-max', cfg.kappa_max, low=cfg.kappa_min, fix='kappa is drawn from [kappa_min, kappa_max]')
     cli.number('--t-max', cfg.t_max, low=cfg.t_min, fix='VSD draws t from [t_min, t_max]')
+    if cfg.nasa_train and not cfg.negative_prompts:
+        raise cli.UserError("--nasa-train needs --negative-prompts FILE (one negative prompt per line)")
+    if cfg.negative_prompts and not cfg.nasa_train:
+        raise cli.UserError("--negative-prompts applies to --nasa-train (pass --nasa-train, or drop --negative-prompts)")
     if cfg.clip_weight > 0 and not cfg.clip:
         cli.warn('train.py', f"--clip-weight {cfg.clip_weight} without --clip: no CLIP loss (pass --clip DIR for it)")
     if cfg.device:
@@ -179,34 +193,39 @@ def ranks_agree(tensors, device):
 # Prompts: encoded once, cached as safetensors, each rank its own shard
 
 
-def read_prompts(path):
+def read_prompts(path, flag='--prompts', what='prompt'):
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
-        raise cli.UserError(f"prompt file {path} not found (pass --prompts FILE, one prompt per line)") from None
+        raise cli.UserError(f"{what} file {path} not found (pass {flag} FILE, one {what} per line)") from None
     except (UnicodeDecodeError, IsADirectoryError):
-        raise cli.UserError(f"prompt file {path} is not a text file (pass a UTF-8 file, one prompt per line)") from None
+        raise cli.UserError(f"{what} file {path} is not a text file (pass a UTF-8 file, one {what} per line)") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
-        raise cli.UserError(f"prompt file {path} holds no prompts (one per line)")
+        raise cli.UserError(f"{what} file {path} holds no {what}s (one per line)")
     return prompts
 
 
 def cache_prompts(text_encoder, prompts, path, batch=64):
-    """Encode `prompts` (and the null prompt) once; later runs read the file."""
+    """Encode `prompts` and the null prompt (TextEncoder.null) once; later runs read the file.
+    Returns (prompts, context, mask or None, pooled or None, (null, null mask or None, null pooled
+    or None)); the pooled text is SDXL's (its size ids are added by the caller, see sdxl_cond)."""
     if not path.is_file():
         long = text_encoder.too_long(prompts)
         if long:
             cli.warn('train.py', f"{len(long)} prompts are longer than the text encoder's {text_encoder.max_length} "
                                  f"tokens and are cut (the first: '{long[0][0][:40]}...', {long[0][1]} tokens)")
-        ctx, masks = [], []
+        ctx, masks, pooled = [], [], []
         for i in range(0, len(prompts), batch):
-            c, m = text_encoder(prompts[i:i + batch])
+            c, m, p = text_encoder.encode(prompts[i:i + batch])
             ctx.append(c.cpu())
             masks.append(m.cpu() if m is not None else torch.ones(c.shape[:2], dtype=torch.bool))
-        null, null_mask = text_encoder([''])
+            pooled += [p.cpu()] if p is not None else []
+        null, null_mask, null_pooled = text_encoder.null()
         tensors = {'context': torch.cat(ctx), 'mask': torch.cat(masks), 'null': null.cpu(),
                    'null_mask': (null_mask if null_mask is not None else torch.ones(null.shape[:2], dtype=torch.bool)).cpu()}
+        if pooled:
+            tensors.update(pooled=torch.cat(pooled), null_pooled=null_pooled.cpu())
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path) + '.tmp', metadata={'prompts': json.dumps(prompts), 'masked': str(text_encoder.is_t5)})
         os.replace(str(path) + '.tmp', path)
@@ -214,7 +233,17 @@ def cache_prompts(text_encoder, prompts, path, batch=64):
         masked = f.metadata()['masked'] == 'True'
         prompts = json.loads(f.metadata()['prompts'])
     t = load_file(str(path))
-    return prompts, t['context'], t['mask'] if masked else None, (t['null'], t['null_mask'] if masked else None)
+    return (prompts, t['context'], t['mask'] if masked else None, t.get('pooled'),
+            (t['null'], t['null_mask'] if masked else None, t.get('null_pooled')))
+
+
+def sdxl_cond(net, vae, pooled):
+    """SDXL's added conditioning for pooled text embeddings, the size ids those of the square image
+    the student draws (its sample_size latents, decoded); None for networks without it."""
+    if pooled is None or getattr(net.cfg, 'addition_embed', None) is None:
+        return None
+    size = net.cfg.sample_size * (2 ** (len(vae.cfg.channels) - 1) if isinstance(vae, M.VAE) else 1)
+    return M.sdxl_added(pooled, size, size)
 
 
 # -----------------------------------------------------------------------------
@@ -366,12 +395,36 @@ def tidy(out):
 def validation_grid(student, pipe, prompts, path, start_t, seed=0):
     """One image per prompt from fixed noise, written as a PNG row."""
     from sample import save_grid
-    c, m = pipe.text_encoder(prompts)
+    c, m, pooled = pipe.text_encoder.encode(prompts)
     cfg = student.cfg
     g = torch.Generator(c.device).manual_seed(seed)
     z = torch.randn(len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size, device=c.device, generator=g)
-    x0 = vsd.student_generate(student, pipe.schedule, z, c.to(z.dtype), m, start_t)
+    x0 = vsd.student_generate(student, pipe.schedule, z, c.to(z.dtype), m, start_t, sdxl_cond(student, pipe.vae, pooled))
     save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
+
+
+@torch.no_grad()
+def teacher_pairs(teacher, schedule, ctx, ctx_mask, ctx_added, null, cfg, rank, path, batch=64):
+    """DMD's regression pairs: noises z and the teacher's DDIM images x0 from them (with guidance), on
+    prompts drawn from this rank's shard; written once to `path` and read back on resume."""
+    if path.is_file():
+        tensors = load_file(str(path))
+        return {k: tensors.get(k) for k in ('z', 'x0', 'context', 'mask', 'added')}
+    from sample import ddim
+    g = torch.Generator().manual_seed(10_000 + cfg.seed * 1000 + rank)
+    idx = torch.randint(len(ctx), (cfg.regression_pairs,), generator=g)
+    c = teacher.cfg
+    z = torch.randn(cfg.regression_pairs, c.in_channels, c.sample_size, c.sample_size, generator=g)
+    pick = lambda x: None if x is None else x[idx]
+    pairs = {'z': z, 'context': ctx[idx], 'mask': pick(ctx_mask), 'added': pick(ctx_added)}
+    device, x0 = null[0].device, []
+    for i in tqdm(range(0, len(z), batch), desc='teacher pairs', disable=rank != 0):
+        cond = tuple(None if v is None else v[i:i + batch].to(device) for v in (pairs['context'], pairs['mask'], pairs['added']))
+        x0.append(ddim(teacher, schedule, z[i:i + batch].to(device), cond, null, cfg.regression_steps, cfg.regression_cfg).cpu())
+    pairs['x0'] = torch.cat(x0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in pairs.items() if v is not None}, str(path))
+    return pairs
 
 
 def lr_factor(schedule, step, steps, warmup=None):
@@ -402,8 +455,10 @@ def main(argv=None):
     if not cfg.prompts:
         raise cli.UserError("--prompts FILE is required (one prompt per line)")
     prompts = read_prompts(cfg.prompts)  # before the slow loads
+    negatives = read_prompts(cfg.negative_prompts, '--negative-prompts', 'negative prompt') if cfg.nasa_train else None
     out = Path(cfg.out)
-    cli.not_an_input('--out', out, [('the teacher', cfg.teacher), ('the prompt file', cfg.prompts)])
+    cli.not_an_input('--out', out, [('the teacher', cfg.teacher), ('the prompt file', cfg.prompts),
+                                    ('the negative prompt file', cfg.negative_prompts)])
     ddp, rank, world, device = setup_distributed(cfg.device)
     if cfg.batch_size % world:
         raise cli.UserError(f"--batch-size {cfg.batch_size} does not split over {world} ranks (pass a multiple of {world})")
@@ -417,13 +472,13 @@ def main(argv=None):
                             "or another --out)")
     lock_path = lock(out) if rank == 0 else None
     try:
-        train(cfg, prompts, out, ddp, rank, world, device)
+        train(cfg, prompts, out, ddp, rank, world, device, negatives)
     finally:
         if lock_path:
             unlock(lock_path)
 
 
-def train(cfg, prompts, out, ddp, rank, world, device):
+def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     if rank == 0:
         tidy(out)
     B = cfg.batch_size // world
@@ -438,12 +493,28 @@ def train(cfg, prompts, out, ddp, rank, world, device):
     student = M.load_checkpoint(cfg.teacher, device, text=False).denoiser.train()
     teacher = pipe.denoiser.requires_grad_(False)
     digest = hashlib.sha1(json.dumps([cfg.teacher, prompts]).encode()).hexdigest()[:12]
-    shard, ctx, ctx_mask, null = cache_prompts(pipe.text_encoder, prompts[rank::world],
-                                               out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
+    if getattr(teacher.cfg, 'addition_embed', None) and pipe.text_encoder.model_2 is None:
+        raise cli.UserError(f"{cfg.teacher} is an SDXL UNet with one text encoder: it needs text_encoder_2/ "
+                            "and tokenizer_2/ as well (convert it with --text-encoder DIR of an SDXL diffusers folder)")
+    shard, ctx, ctx_mask, pooled, null = cache_prompts(pipe.text_encoder, prompts[rank::world],
+                                                       out / 'prompt_cache' / f'{digest}-{rank}-of-{world}.safetensors')
+    ctx_added = sdxl_cond(teacher, pipe.vae, pooled)  # SDXL: pooled text + size ids, per prompt
+    null = (*null[:2], sdxl_cond(teacher, pipe.vae, null[2]))
+    if negatives:  # NASA-T: the negatives cached beside the prompts, each rank a shard (each the whole list, if few)
+        digest_neg = hashlib.sha1(json.dumps([cfg.teacher, negatives]).encode()).hexdigest()[:12]
+        neg_shard, neg_ctx, neg_mask, neg_pooled, _ = cache_prompts(
+            pipe.text_encoder, negatives[rank::world] if len(negatives) >= world else negatives,
+            out / 'prompt_cache' / f'{digest_neg}-negatives-{rank}-of-{world}.safetensors')
+        neg_added = sdxl_cond(teacher, pipe.vae, neg_pooled)
     val_prompts = (cfg.val_prompts or 'a red circle|a blue square').split('|')
     if rank != 0 or not cfg.val_every:
         pipe.text_encoder = None  # the text encoder (T5-XXL for PixArt) leaves memory once prompts are cached
     null = tuple(x.to(device) if x is not None else None for x in null)
+    pairs = None
+    if cfg.regression_weight > 0:  # before the adapters: the frozen teacher draws them
+        pairs = teacher_pairs(teacher, pipe.schedule, ctx, ctx_mask, ctx_added, null, cfg, rank,
+                              out / 'prompt_cache' / f'{digest}-pairs-{cfg.regression_pairs}-{cfg.regression_steps}-'
+                              f'{cfg.regression_cfg:g}-{cfg.seed}-{rank}-of-{world}.safetensors')
     try:
         lora_params = vsd.add_lora(teacher, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(',')))
     except ValueError as e:
@@ -469,18 +540,38 @@ def train(cfg, prompts, out, ddp, rank, world, device):
     teacher_ddp = DDP(teacher) if ddp else teacher
     clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip and cfg.clip_weight > 0 else None
 
-    def clip_term(x0, texts):
-        """SwiftBrush v2's clamped CLIP loss, through the decoder, its weight ramped up over --clip-warmup."""
-        value = clip_loss(pipe.vae.decode(x0), texts)
-        return cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1)) * value, value.detach()
+    def extra_terms(x0, texts):
+        """SwiftBrush v2's clamped CLIP loss, through the decoder, its weight ramped up over --clip-warmup;
+        DMD's regression onto the teacher's pairs (the same noise, the same prompt)."""
+        term, values = 0.0, {}
+        if clip_loss is not None:
+            value = clip_loss(pipe.vae.decode(x0), texts)
+            term, values['clip'] = cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1)) * value, value.detach()
+        if pairs is not None:
+            idx = torch.randint(len(pairs['z']), (B,), generator=generator, device=device).cpu()
+            cond = tuple(None if pairs[k] is None else pairs[k][idx].to(device) for k in ('context', 'mask', 'added'))
+            # the raw module: the step's one DDP forward is the VSD sample's; one backward syncs both
+            x0_student = vsd.student_generate(student, pipe.schedule, pairs['z'][idx].to(device), *cond[:2],
+                                              cfg.student_t, cond[2])
+            value = F.mse_loss(x0_student.float(), pairs['x0'][idx].to(device).float())
+            term, values['regression'] = term + cfg.regression_weight * value, value.detach()
+        return term, values
 
     def draw():
-        """A batch of the student's noise and of this rank's prompts."""
+        """A batch of the student's noise and of this rank's prompts (NASA-T: and negatives, see vsd.pgsb_step)."""
         idx = torch.randint(len(shard), (B,), generator=generator, device=device).cpu()
         z = torch.randn(B, student.cfg.in_channels, student.cfg.sample_size, student.cfg.sample_size,
                         device=device, generator=generator)
-        cond = (ctx[idx].to(device), ctx_mask[idx].to(device) if ctx_mask is not None else None)
-        return z, cond, [shard[i] for i in idx]
+        cond = (ctx[idx].to(device), ctx_mask[idx].to(device) if ctx_mask is not None else None,
+                ctx_added[idx].to(device) if ctx_added is not None else None)
+        if not negatives:
+            return z, cond, [shard[i] for i in idx]
+        # NASA-T: a negative prompt per sample from this rank's own draw, and this iteration's NASA scale
+        nidx = torch.randint(len(neg_shard), (B,), generator=generator, device=device).cpu()
+        negative = (neg_ctx[nidx].to(device), neg_mask[nidx].to(device) if neg_mask is not None else None,
+                    neg_added[nidx].to(device) if neg_added is not None else None)
+        alpha = cfg.nasa_alpha_max * torch.rand((), generator=generator, device=device).item()
+        return z, cond, [shard[i] for i in idx], negative, alpha
 
     # --- the loop: one PG-SB step (vsd.pgsb_step), then logging, validation grids, checkpoints
     log = open(out / 'log.jsonl', 'a') if rank == 0 else None
@@ -491,7 +582,7 @@ def train(cfg, prompts, out, ddp, rank, world, device):
         opts['student'].param_groups[0]['lr'] = cfg.lr_student * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup or None)
         opts['lora'].param_groups[0]['lr'] = cfg.lr_lora * lr_factor(cfg.lr_schedule, step, cfg.steps)
         info, kappa = vsd.pgsb_step(student_ddp, teacher_ddp, pipe.schedule, opts, draw, null, cfg, generator,
-                                    autocast, cfg.grad_clip, clip_term if clip_loss else None)
+                                    autocast, cfg.grad_clip, extra_terms if clip_loss or pairs else None)
         if ema is not None:
             lerp_ema(ema, student, cfg.ema, step)
         step += 1

@@ -15,6 +15,11 @@ One step, per batch of text states c (and the null prompt's c0):
 pgsb_step runs the three; train.py and bench.py both call it.
 The frozen and LoRA teachers share one copy of the base weights: the frozen teacher is the LoRA
 teacher with its adapters switched off.
+
+NASA-T (SNOOPI v3, NASA in distillation), when a batch carries negative prompts y-: the student
+generates with NASA (nasa.py) at a scale alpha ~ U(0, 1) drawn each iteration; the frozen teacher's
+guidance puts y- in the unconditional slot, (1 - kappa) eps(x_t, y-) + kappa eps(x_t, y); the LoRA
+teacher gets no negative prompt, in its guided eps or its denoising loss.
 """
 import contextlib
 import math
@@ -23,6 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import nasa
 
 # -----------------------------------------------------------------------------
 # LoRA adapters
@@ -86,20 +93,23 @@ def lora_disabled(model):
 # Denoiser helpers: the network is only a function; the schedule owns the parameterisation
 
 
-def denoise(net, schedule, x_t, t, context, mask=None):
-    """(x0, eps) predicted by `net` at x_t. PixArt's learned-sigma channels are dropped."""
-    out = net(x_t, t, context, mask)[:, :x_t.shape[1]]
+def denoise(net, schedule, x_t, t, context, mask=None, added=None):
+    """(x0, eps) predicted by `net` at x_t. PixArt's learned-sigma channels are dropped. added: SDXL's
+    pooled text and size/crop ids (model.sdxl_added), for the UNets that take them."""
+    out = (net(x_t, t, context, mask) if added is None else net(x_t, t, context, mask, added=added))[:, :x_t.shape[1]]
     return schedule.x0_eps(out, x_t, t)
 
 
 def guided_eps(net, schedule, x_t, t, cond, null, kappa):
     """Classifier-free guidance, eps_u + kappa (eps_c - eps_u), kappa per sample (B,).
-    cond/null are (context, mask) pairs; the two halves run as one batched forward."""
+    cond/null are (context, mask) or (context, mask, added) tuples (added: SDXL's, see denoise);
+    the two halves run as one batched forward."""
     B = x_t.shape[0]
-    (c, cm), (u, um) = cond, null
+    (c, cm, *ca), (u, um, *ua) = cond, null
     context = torch.cat([c, u.expand(B, *u.shape[1:])])
     mask = None if cm is None else torch.cat([cm, um.expand(B, *um.shape[1:])])
-    _, eps = denoise(net, schedule, x_t.repeat(2, 1, 1, 1), t.repeat(2), context, mask)
+    added = torch.cat([ca[0], ua[0].expand(B, -1)]) if ca and ca[0] is not None else None
+    _, eps = denoise(net, schedule, x_t.repeat(2, 1, 1, 1), t.repeat(2), context, mask, added)
     eps_c, eps_u = eps.chunk(2)
     return eps_u + kappa.view(-1, 1, 1, 1).to(eps.dtype) * (eps_c - eps_u)
 
@@ -130,6 +140,10 @@ class VSDConfig:
     clip_weight: float = option(0.0, 'SwiftBrush v2 clamped CLIP loss weight (needs --clip)')
     clip_tau: float = option(0.37, 'the clamped CLIP loss stops pushing above this cosine similarity')
     clip_warmup: int = option(0, 'steps over which the CLIP loss weight ramps up linearly from 0')
+    regression_weight: float = option(0.0, "weight of DMD's regression term: the student's image from a noise against the teacher's DDIM image from the same noise (0: off)")
+    regression_pairs: int = option(512, 'teacher (noise, image) pairs drawn once per rank for the regression term')
+    regression_steps: int = option(25, "DDIM steps of the teacher's pairs")
+    regression_cfg: float = option(3.0, "guidance scale of the teacher's pairs")
 
 
 RANDOM_KAPPA = {'both': (True, True), 'teacher': (True, False), 'lora': (False, True), 'none': (False, False)}
@@ -145,15 +159,40 @@ def draw_kappa(cfg: VSDConfig, B, device, generator=None):
     return (kappa if rt else fixed), lora
 
 
-def student_generate(student, schedule, z, context, mask=None, start_t=-1):
-    """One-step generation: pure noise read as x_T at the start timestep, mapped to x0."""
-    t = torch.full((z.shape[0],), start_t % schedule.T, device=z.device, dtype=torch.long)
-    x0, _ = denoise(student, schedule, z, t, context, mask)
+def student_generate(student, schedule, z, context, mask=None, start_t=-1, added=None, noise='unit'):
+    """One-step generation: pure noise read as x_t at the start timestep (negative: counted from T;
+    a rectified-flow network starts at T itself), mapped to x0. noise='sigma': x_t = sigma_t z, as
+    diffusers' Euler schedulers with trailing spacing start (their initial noise is sigma_max, not
+    sqrt(sigma_max^2 + 1), in their variance-exploding units)."""
+    start_t = start_t + schedule.T if start_t < 0 else start_t
+    t = torch.full((z.shape[0],), start_t, device=z.device, dtype=torch.long)
+    if noise == 'sigma':
+        z = z * schedule.alpha_sigma(t, z.ndim)[1].to(z.dtype)
+    x0, _ = denoise(student, schedule, z, t, context, mask, added)
     return x0
 
 
-def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
-    """The student's VSD loss on its samples x0 (gradient flows into x0 only), and the kappa drawn."""
+def nasa_student_generate(student, schedule, z, cond, negative, alpha, start_t=-1, noise='unit'):
+    """student_generate with NASA at scale alpha (NASA-T's student): the positive prompts cond and the
+    negative ones, (context, mask) each per sample, go in as nasa.pair; SDXL's pooled text stays the
+    positive's. alpha 0 is plain attention (nasa.NASA), so the pair is skipped: the student, its
+    gradients included, is then the plain one to the bit (the DiT's caption projection would
+    otherwise sum its weight gradient over the negative's zero-gradient rows as well, in another
+    order)."""
+    if alpha == 0:
+        return student_generate(student, schedule, z, cond[0], cond[1], start_t, *cond[2:], noise=noise)
+    context, mask = nasa.pair(cond[0], negative[0], cond[1], negative[1])
+    nasa.enable(student, alpha)
+    try:
+        return student_generate(student, schedule, z, context, mask, start_t, *cond[2:], noise=noise)
+    finally:
+        nasa.disable(student)
+
+
+def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None, negative=None):
+    """The student's VSD loss on its samples x0 (gradient flows into x0 only), and the kappa drawn.
+    negative: NASA-T's negative prompts, in the frozen teacher's unconditional slot in place of null
+    (the same tuple form as cond, one per sample); the LoRA teacher keeps null."""
     B = x0.shape[0]
     t = torch.randint(cfg.t_min, cfg.t_max + 1, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -161,7 +200,8 @@ def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None):
     kappa_teacher, kappa_lora = draw_kappa(cfg, B, x0.device, generator)
     with torch.no_grad():
         with lora_disabled(teacher):
-            eps_teacher = guided_eps(teacher, schedule, x_t, t, cond, null, kappa_teacher)
+            eps_teacher = guided_eps(teacher, schedule, x_t, t, cond, null if negative is None else negative,
+                                     kappa_teacher)
         if cfg.lora_kappa == 1:  # unguided: the conditional half alone
             eps_lora = denoise(teacher, schedule, x_t, t, *cond)[1]
         else:
@@ -202,14 +242,17 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, loss='native', gene
     t = torch.randint(0, schedule.T, (B,), device=x0.device, generator=generator)
     eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
     drop = torch.rand(B, device=x0.device, generator=generator) < null_prob
-    (c, cm), (u, um) = cond, null
+    (c, cm, *ca), (u, um, *ua) = cond, null
     c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
     cm = None if cm is None else torch.where(drop.view(-1, 1), um.expand_as(cm), cm)
+    added = ca[0] if ca and ca[0] is not None else None  # SDXL: the pooled text is dropped with the sequence
+    if added is not None:
+        added = torch.where(drop.view(-1, 1), ua[0].expand_as(added), added)
     x_t = schedule.add_noise(x0, eps, t)
     if loss == 'native':
-        out = net(x_t, t, c, cm)[:, :x0.shape[1]]
+        out = (net(x_t, t, c, cm) if added is None else net(x_t, t, c, cm, added=added))[:, :x0.shape[1]]
         return F.mse_loss(out.float(), schedule.target(x0, eps, t).float())
-    _, eps_hat = denoise(net, schedule, x_t, t, c, cm)
+    _, eps_hat = denoise(net, schedule, x_t, t, c, cm, added)
     w = schedule.alpha_sigma(t, x0.ndim)[0]
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
 
@@ -223,28 +266,49 @@ def optimizer_step(opt, loss, grad_clip):
     opt.step()
 
 
+def unpack(batch):
+    """(z, cond, prompts, nasa_t) of a draw(); nasa_t is (negative cond, alpha), or None without NASA-T."""
+    z, cond, prompts, *nasa_t = batch
+    return z, cond, prompts, tuple(nasa_t) if nasa_t else None
+
+
+def student_samples(student, schedule, z, cond, nasa_t, start_t):
+    """The student's x0 for a batch, with NASA at NASA-T's (negative cond, alpha) when given."""
+    if nasa_t is None:
+        return student_generate(student, schedule, z, cond[0], cond[1], start_t, *cond[2:])
+    return nasa_student_generate(student, schedule, z, cond, *nasa_t, start_t)
+
+
 def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, generator=None,
               autocast=contextlib.nullcontext, grad_clip=1.0, extra_loss=None):
     """One PG-SB iteration: the student's VSD update (steps 1-2), then cfg.lora_updates updates of the
-    LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask), texts.
+    LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask) or
+    (context, mask, added) (SDXL's pooled text and size ids, see denoise), texts; for NASA-T,
+    (z, cond, prompts, negative, alpha): the negative prompts in cond's form and this iteration's
+    NASA scale (see the module's docstring).
     opts holds the 'student' and 'lora' optimizers; extra_loss(x0, prompts), if given, returns
-    (weighted loss, unweighted value) added to the student's loss (SwiftBrush v2's CLIP loss).
+    (weighted loss, {name: unweighted value}): a term added to the student's loss (SwiftBrush v2's
+    CLIP loss, the teacher-pair regression) and what to log of it.
     The LoRA teacher fits the samples the student drew for its update, or, with cfg.lora_fresh,
     each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples)."""
-    z, cond, prompts = draw()
+    z, cond, prompts, nasa_t = unpack(draw())
     with autocast():
-        x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
-        loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator)
+        x0 = student_samples(student, schedule, z, cond, nasa_t, cfg.student_t)
+        negative = None if nasa_t is None else nasa_t[0]
+        loss, kappa = vsd_loss(teacher, schedule, x0, cond, null, cfg, generator, negative)
         info = {'vsd': loss.detach()}
+        if nasa_t is not None:
+            info['nasa_alpha'] = loss.detach().new_tensor(float(nasa_t[1]))
         if extra_loss is not None:
-            term, info['clip'] = extra_loss(x0, prompts)
+            term, values = extra_loss(x0, prompts)
+            info.update(values)
             loss = loss + term
     optimizer_step(opts['student'], loss, grad_clip)
     for _ in range(cfg.lora_updates):
         if cfg.lora_fresh:
-            z, cond, _ = draw()
+            z, cond, _, nasa_t = unpack(draw())
             with torch.no_grad(), autocast():
-                x0 = student_generate(student, schedule, z, *cond, cfg.student_t)
+                x0 = student_samples(student, schedule, z, cond, nasa_t, cfg.student_t)
         with autocast():
             lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
         optimizer_step(opts['lora'], lora_loss, grad_clip)

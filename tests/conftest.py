@@ -74,6 +74,18 @@ def make_clip_text(folder, hidden_size=32):
     return folder
 
 
+def make_sdxl_text(folder):
+    """SDXL's pair: text_encoder/ (CLIP, 32 wide) and text_encoder_2/ (CLIP with a 32-wide
+    projection, the pooled vector), and a tokenizer for each."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    make_clip_text(folder)
+    cfg = CLIPTextConfig.from_pretrained(Path(folder) / 'text_encoder').to_dict()
+    cfg2 = CLIPTextConfig(**{**cfg, 'projection_dim': 32, 'architectures': None})
+    seeded(1, CLIPTextModelWithProjection, cfg2).save_pretrained(Path(folder) / 'text_encoder_2')
+    shutil.copytree(Path(folder) / 'tokenizer', Path(folder) / 'tokenizer_2')
+    return folder
+
+
 def make_t5_text(folder, clip_folder):
     """A tiny T5 encoder (d_model 32) beside a copy of the shapes tokenizer: model.TextEncoder
     recognises T5 by the config and then uses 120 tokens and an attention mask."""
@@ -112,6 +124,13 @@ def unet_teacher(tmp_path_factory, clip_text):
 def dit_teacher(tmp_path_factory, t5_text):
     """tiny_dit (captions 32) + tiny_vae + PixArt schedule + a tiny T5 text encoder."""
     return make_teacher(tmp_path_factory.mktemp('ckpt') / 'dit_teacher', 'tiny_dit', 'pixart', t5_text)
+
+
+@pytest.fixture(scope='session')
+def sdxl_teacher(tmp_path_factory):
+    """tiny_sdxl (context 64 = 32 + 32, pooled 32) + tiny_vae + SD schedule + the dual text encoder."""
+    text = make_sdxl_text(tmp_path_factory.mktemp('sdxl_text'))
+    return make_teacher(tmp_path_factory.mktemp('ckpt') / 'sdxl_teacher', 'tiny_sdxl', 'sd', text)
 
 
 @pytest.fixture(scope='session')

@@ -90,6 +90,11 @@ def sample_cases(tmp, teacher, broken):
         ('negative nasa scale', [*ok, '--negative-prompt', 'red', '--nasa-scale', -0.5], '--nasa-scale must be at least 0'),
         ('nan nasa scale', [*ok, '--negative-prompt', 'red', '--nasa-scale', 'nan'], '--nasa-scale must be at least 0, got nan'),
         ('unknown nasa layer', [*ok, '--negative-prompt', 'red', '--nasa-layers', 'nope'], 'no cross-attention layer'),
+        ('unknown guidance', [*ok, '--negative-prompt', 'red', '--guidance', 'cfg'], "--guidance must be one of nasa, nag, got 'cfg'"),
+        ('nag tau zero', [*ok, '--negative-prompt', 'red', '--guidance', 'nag', '--nag-tau', 0], '--nag-tau must be above 0, got 0.0'),
+        ('nag tau negative', [*ok, '--negative-prompt', 'red', '--guidance', 'nag', '--nag-tau', -1], '--nag-tau must be above 0'),
+        ('nag scale under 1', [*ok, '--negative-prompt', 'red', '--guidance', 'nag', '--nag-scale', 0.5], '--nag-scale must be at least 1'),
+        ('nag flag with nasa', [*ok, '--negative-prompt', 'red', '--nag-tau', 2], '--nag-tau applies to --guidance nag'),
         ('zero images', [*ok, '--n', 0], '--n must be at least 1, got 0'),
         ('zero steps', [*ok, '--steps', 0], '--steps must be at least 1, got 0'),
         ('negative seed', [*ok, '--seed', -1], '--seed must be at least 0'),
@@ -103,7 +108,8 @@ SAMPLE_CASES = [
     'truncated weights', 'not safetensors', 'empty weights', 'wrong architecture', 'wrong text width',
     'non-finite weights', 'bad schedule.json', 'missing checkpoint', 'no cuda', 'not a device', 'out under a file',
     'out not an image', 'out over the checkpoint', 'cfg with one step', 'nasa layers, no negative',
-    'nasa scale, no negative', 'negative nasa scale', 'nan nasa scale', 'unknown nasa layer', 'zero images',
+    'nasa scale, no negative', 'negative nasa scale', 'nan nasa scale', 'unknown nasa layer', 'unknown guidance',
+    'nag tau zero', 'nag tau negative', 'nag scale under 1', 'nag flag with nasa', 'zero images',
     'zero steps', 'negative seed', 'size', 'empty prompt file', 'missing prompt file']
 
 
@@ -154,6 +160,14 @@ def train_cases(tmp, teacher, prompts, broken):
         ('missing teacher', [*args(), '--teacher', tmp / 'nowhere'], 'not found'),
         ('truncated teacher', [*args(), '--teacher', broken['truncated']], 'a truncated safetensors file'),
         ('empty prompt file', [*args(), '--prompts', tmp / 'empty.txt'], 'holds no prompts'),
+        ('missing negative prompt file', [*args(), '--nasa-train', '--negative-prompts', tmp / 'none.txt'],
+         f"negative prompt file {tmp / 'none.txt'} not found (pass --negative-prompts FILE"),
+        ('empty negative prompt file', [*args(), '--nasa-train', '--negative-prompts', tmp / 'empty.txt'],
+         'holds no negative prompts (one per line)'),
+        ('nasa-train without negatives', [*args(), '--nasa-train'], '--nasa-train needs --negative-prompts FILE'),
+        ('negatives without nasa-train', [*args(), '--negative-prompts', tmp / 'empty.txt'],
+         '--negative-prompts applies to --nasa-train'),
+        ('negative nasa alpha max', [*args(), '--nasa-alpha-max', -1], '--nasa-alpha-max must be at least 0'),
     ]
 
 
@@ -161,7 +175,9 @@ TRAIN_CASES = [
     'batch size 0', 'steps 0', 'negative steps', 'nan learning rate', 'inf lora alpha', 'ema of 1',
     'kappa range upside down', 't_max beyond the schedule', 'student_t beyond the schedule', 'unknown lr schedule',
     'no cuda', 'out is a file', 'out under a file', 'out is the teacher', 'resume with nothing',
-    'checkpoints without resume', 'missing teacher', 'truncated teacher', 'empty prompt file']
+    'checkpoints without resume', 'missing teacher', 'truncated teacher', 'empty prompt file',
+    'missing negative prompt file', 'empty negative prompt file', 'nasa-train without negatives',
+    'negatives without nasa-train', 'negative nasa alpha max']
 
 
 @pytest.mark.parametrize('case', TRAIN_CASES)
@@ -238,6 +254,8 @@ def test_shapes_bad_input(tmp_path):
         (['curve', tmp_path / 'empty_run'], 'empty_run', 'holds no checkpoints/step-N'),
         (['curve', tmp_path / 'nowhere'], 'a run', 'not found'),
         (['train-teacher', '--steps', 0, '--out', tmp_path / 't'], '--steps', 'must be at least 1'),
+        (['train-teacher', '--arch', 'tiny_dit', '--out', tmp_path / 't'], '--arch', 'must be one of shapes, shapes_dit'),
+        (['negatives', tmp_path / 'a_file' / 'n.txt'], 'OUT', 'is a file, not a folder'),
         (['train-teacher', '--lr', 'nan', '--out', tmp_path / 't'], '--lr', 'must be above 0, got nan'),
         (['train-teacher', '--out', tmp_path / 'a_file'], '--out', 'is a file'),
         (['train-teacher', '--resume', '--out', tmp_path / 't'], '--resume', 'holds no checkpoint'),

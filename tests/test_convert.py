@@ -482,20 +482,23 @@ def ldm_unet_layout(c):
         if cin != cout:
             param(f'{name}.skip_connection', cout, cin, 1, 1)
 
-    def transformer(name, ch):
+    def transformer(name, ch, depth):
         param(f'{name}.norm', ch)
         for p in ('proj_in', 'proj_out'):
             param(f'{name}.{p}', *((ch, ch) if c.linear_proj else (ch, ch, 1, 1)))
-        b = f'{name}.transformer_blocks.0'
-        for attn, kv in (('attn1', ch), ('attn2', c.context_dim)):
-            param(f'{b}.{attn}.to_q', ch, ch, bias=False)
-            param(f'{b}.{attn}.to_k', ch, kv, bias=False), param(f'{b}.{attn}.to_v', ch, kv, bias=False)
-            param(f'{b}.{attn}.to_out.0', ch, ch)
-        param(f'{b}.ff.net.0.proj', 8 * ch, ch), param(f'{b}.ff.net.2', ch, 4 * ch)
-        for i in (1, 2, 3):
-            param(f'{b}.norm{i}', ch)
+        for d in range(depth):
+            b = f'{name}.transformer_blocks.{d}'
+            for attn, kv in (('attn1', ch), ('attn2', c.context_dim)):
+                param(f'{b}.{attn}.to_q', ch, ch, bias=False)
+                param(f'{b}.{attn}.to_k', ch, kv, bias=False), param(f'{b}.{attn}.to_v', ch, kv, bias=False)
+                param(f'{b}.{attn}.to_out.0', ch, ch)
+            param(f'{b}.ff.net.0.proj', 8 * ch, ch), param(f'{b}.ff.net.2', ch, 4 * ch)
+            for i in (1, 2, 3):
+                param(f'{b}.norm{i}', ch)
 
     param('time_embed.0', emb, C[0]), param('time_embed.2', emb, emb)
+    if c.addition_embed:  # SDXL: label_emb = Sequential(Sequential(Linear, SiLU, Linear))
+        param('label_emb.0.0', emb, c.pooled_dim + 6 * c.addition_time_dim), param('label_emb.0.2', emb, emb)
     param('input_blocks.0.0', C[0], c.in_channels, 3, 3)
     ch, skips, n = C[0], [C[0]], 1
     for level, cout in enumerate(C):
@@ -503,21 +506,21 @@ def ldm_unet_layout(c):
             res(f'input_blocks.{n}.0', ch, cout)
             ch = cout
             if c.attn_levels[level]:
-                transformer(f'input_blocks.{n}.1', ch)
+                transformer(f'input_blocks.{n}.1', ch, c.depth(level))
             skips.append(ch)
             n += 1
         if level < len(C) - 1:
             param(f'input_blocks.{n}.0.op', ch, ch, 3, 3)
             skips.append(ch)
             n += 1
-    res('middle_block.0', ch, ch), transformer('middle_block.1', ch), res('middle_block.2', ch, ch)
+    res('middle_block.0', ch, ch), transformer('middle_block.1', ch, c.mid_depth), res('middle_block.2', ch, ch)
     n = 0
     for level in reversed(range(len(C))):
         for j in range(L + 1):
             res(f'output_blocks.{n}.0', ch + skips.pop(), C[level])
             ch, i = C[level], 1
             if c.attn_levels[level]:
-                transformer(f'output_blocks.{n}.1', ch)
+                transformer(f'output_blocks.{n}.1', ch, c.depth(level))
                 i = 2
             if level and j == L:
                 param(f'output_blocks.{n}.{i}.conv', ch, ch, 3, 3)

@@ -260,3 +260,127 @@ def test_pair_broadcasts_one_negative_over_the_batch():
     assert context.shape == (3, 2, 5, 4) and mask.shape == (3, 2, 5)
     assert torch.equal(context[:, 0], pos) and all(torch.equal(context[b, 1], neg[0]) for b in range(3))
     assert torch.equal(mask[:, 1], nm.expand(3, 5)) and torch.equal(mask[:, 0], pm)
+
+
+# -----------------------------------------------------------------------------
+# The paper's scales
+
+
+def test_default_alpha_is_v3s_per_backbone_with_v1s_table_kept():
+    assert nasa.default_alpha(M.build(M.PRESETS['tiny_unet'])) == 0.2      # 32-wide context: not SD1.5's 768
+    assert nasa.default_alpha(M.UNet(M.UNetConfig(channels=(32,), attn_levels=(True,), heads=(2,),
+                                                   layers_per_block=1, norm_groups=8))) == 0.1  # 768: SD1.5
+    assert nasa.default_alpha(tiny('tiny_dit')) == 0.5
+    assert nasa.default_alpha(tiny('tiny_dit'), nasa.PAPER_ALPHA_V1) == 0.8
+    assert nasa.PAPER_ALPHA['shapes'] == nasa.PAPER_ALPHA_V1['shapes'] == 0.3
+
+
+# -----------------------------------------------------------------------------
+# NAG on the same extension point
+
+
+def nag_forward(net, nag, x, t, pos, neg, pm, nm):
+    nasa.enable(net, nag)
+    try:
+        with torch.no_grad():
+            return net(x, t, *nasa.pair(pos, neg, pm, nm))
+    finally:
+        nasa.disable(net)
+
+
+@pytest.mark.parametrize('name', NETS)
+def test_nag_scale_one_is_bit_identical_to_the_plain_forward(name):
+    net = tiny(name)
+    x, t, pos, neg, pm, nm = inputs(name)
+    with torch.no_grad():
+        plain = net(x, t, pos, pm)
+    assert torch.equal(nag_forward(net, nasa.NAG(1.0, 2.5, 0.5), x, t, pos, neg, pm, nm), plain)
+    assert not torch.equal(nag_forward(net, nasa.NAG(3.0, 2.5, 0.5), x, t, pos, neg, pm, nm), plain)
+
+
+def test_generate_with_nag_scale_one_equals_plain_sampling(unet_teacher):
+    pipe = M.load_checkpoint(unet_teacher)
+    kw = dict(n=2, seed=3)
+    plain = sample.generate(pipe, ['a red circle'], **kw)
+    assert torch.equal(sample.generate(pipe, ['a red circle'], 'red', nag=nasa.NAG(1.0, 2.5, 0.375), **kw), plain)
+    steered = sample.generate(pipe, ['a red circle'], 'red', nag=nasa.NAG(3.0, 2.5, 0.375), **kw)
+    assert not torch.equal(steered, plain)
+    nasa_img = sample.generate(pipe, ['a red circle'], 'red', nasa_scale=0.3, **kw)
+    assert not torch.equal(steered, nasa_img)  # NAG, not NASA, ran
+    assert all(m.processor is None for m in nasa.cross_attention_layers(pipe.denoiser).values())
+
+
+@pytest.mark.parametrize('name', NETS)
+@pytest.mark.parametrize('scale,alpha', [(3.0, 0.375), (5.0, 1.0)])
+def test_nag_one_layer_matches_the_formula_by_hand(name, scale, alpha):
+    """to_out(alpha g' + (1 - alpha) Z+), g = s Z+ - (s - 1) Z-, g' = g min(r, tau) / r with
+    r = ||g||_1 / ||Z+||_1 per token; tau between the tokens' ratios, so some are clipped and some not."""
+    net = tiny(name)
+    attn = cross_layer(net)
+    D, C = attn.to_q.in_features, attn.to_k.in_features
+    g = torch.Generator().manual_seed(9)
+    B, N, L = 2, 6, 12
+    x = torch.randn(B, N, D, generator=g)
+    pos, neg = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
+    pm = nm = None
+    if name == 'tiny_dit':
+        pm, nm = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
+        pm[0, :4], pm[1, :10], nm[0, :7], nm[1, :2] = True, True, True, True
+    q = linear64(attn.to_q, x)
+    z_pos = ref_attention(q, linear64(attn.to_k, pos), linear64(attn.to_v, pos), attn.heads, pm)
+    z_neg = ref_attention(q, linear64(attn.to_k, neg), linear64(attn.to_v, neg), attn.heads, nm)
+    guided = scale * z_pos - (scale - 1) * z_neg
+    r = guided.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True)
+    tau = r.median().item()
+    assert (r > tau * 1.01).any() and (r < tau * 0.99).any()
+    clipped = guided * torch.minimum(r, torch.full_like(r, tau)) / r
+    expected = linear64(attn.to_out, alpha * clipped + (1 - alpha) * z_pos)
+    attn.processor = nasa.NAG(scale, tau, alpha)
+    with torch.no_grad():
+        out = attn(x, *nasa.pair(pos, neg, pm, nm))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    unclipped = linear64(attn.to_out, alpha * guided + (1 - alpha) * z_pos)
+    assert (out.double() - unclipped).abs().max() > 1e-3  # the clipping acts
+
+
+def test_nag_has_no_division_by_zero():
+    """Tokens whose positive attention output is all zeros (a zero value projection of the positive
+    prompt), and whose guided features are zero too: the output stays finite."""
+    class Layer:
+        heads = 2
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 3, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g)
+    v = torch.randn(1, 2, 5, 8, generator=g)
+    v[:, 0] = 0                                   # Z+ = 0, Z- != 0
+    out = nasa.NAG(4.0, 2.5, 0.5)(Layer(), q, k, v)
+    assert torch.isfinite(out).all() and out.abs().max() < 1e-30  # clipped to tau * ||Z+|| = 0
+    out = nasa.NAG(4.0, 2.5, 0.5)(Layer(), q, k, torch.zeros_like(v))  # Z+ = Z- = 0
+    assert torch.isfinite(out).all() and torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize('args,match', [((3.0, 0.0, 0.5), 'tau must be > 0'), ((3.0, -1.0, 0.5), 'tau must be > 0'),
+                                        ((0.5, 2.5, 0.5), 'scale must be >= 1'), ((3.0, 2.5, 1.5), r'alpha must be in \[0, 1\]'),
+                                        ((3.0, float('nan'), 0.5), 'tau must be > 0')])
+def test_nag_refuses_bad_settings(args, match):
+    with pytest.raises(ValueError, match=match):
+        nasa.NAG(*args)
+
+
+def test_nag_defaults_per_family():
+    assert nasa.default_nag(tiny('tiny_unet')) == (3.0, 2.5, 0.375)           # SD1.5's: phi 2, s = phi + 1
+    assert nasa.default_nag(tiny('tiny_dit')) == (5.0, 2.5, 0.375)            # PixArt-Sigma's
+    assert nasa.default_nag(M.build(M.PRESETS['tiny_sdxl'])) == (3.0, 2.5, 0.5)
+
+
+def test_sample_cli_guidance_nag(unet_teacher, tmp_path):
+    """--guidance nag with --nag-scale 1 writes the images of no negative prompt; NAG's defaults do not."""
+    def run(name, *extra):
+        sample.main(['--checkpoint', str(unet_teacher), '--prompt', 'a red circle', '--n', '2', '--device', 'cpu',
+                     '--out', str(tmp_path / name), *extra])
+        from PIL import Image
+        import numpy as np
+        return np.asarray(Image.open(tmp_path / name))
+    plain = run('plain.png')
+    off = run('off.png', '--negative-prompt', 'red', '--guidance', 'nag', '--nag-scale', '1')
+    on = run('on.png', '--negative-prompt', 'red', '--guidance', 'nag', '--nag-tau', '3', '--nag-alpha', '1')
+    assert (off == plain).all() and not (on == plain).all()

@@ -80,6 +80,42 @@ def test_teacher_then_student_train_a_few_steps(tmp_path):
     assert proc.returncode != 0 and 'no checkpoints/step-N, no student/' in proc.stderr
 
 
+def test_the_dit_teacher_trains_samples_and_distills_with_nasa_t(tmp_path):
+    """shapes.py train-teacher --arch shapes_dit (2 steps): a pixel-space DiT teacher that samples with
+    DDIM, and one-step with NASA and NAG; then 2 NASA-T steps of train.py on it, with the shipped
+    negatives."""
+    import nasa
+    import train
+    shapes.main(['train-teacher', '--arch', 'shapes_dit', '--steps', '2', '--batch-size', '4', '--out',
+                 str(tmp_path / 'dit'), '--save-every', '1', '--log-every', '1'])
+    pipe = M.load_checkpoint(tmp_path / 'dit' / 'teacher')
+    assert isinstance(pipe.denoiser, M.DiT) and pipe.denoiser.cfg == M.PRESETS['shapes_dit']
+    assert isinstance(pipe.vae, M.PixelSpace) and pipe.schedule.config.prediction_type == 'v_prediction'
+    ddim = sample.generate(pipe, ['a red circle'], n=2, steps=2, cfg=3.0)
+    plain = sample.generate(pipe, ['a red shape'], n=2)
+    with_nasa = sample.generate(pipe, ['a red shape'], 'circle', nasa.default_alpha(pipe.denoiser), n=2)
+    with_nag = sample.generate(pipe, ['a red shape'], 'circle', n=2, nag=nasa.NAG(*nasa.default_nag(pipe.denoiser)))
+    for images in (ddim, plain, with_nasa, with_nag):
+        assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+    assert not torch.equal(with_nasa, plain) and not torch.equal(with_nag, plain)
+
+    out = tmp_path / 'dit_student'
+    train.main(['--preset', 'shapes', '--teacher', str(tmp_path / 'dit' / 'teacher'), '--lora-targets', 'to_q,to_v',
+                '--steps', '2', '--batch-size', '2', '--out', str(out), '--val-every', '0', '--log-every', '1',
+                '--nasa-train', '--negative-prompts', str(ROOT / 'checkpoints' / 'shapes_negatives.txt')])
+    records = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r['vsd']) and 0 <= r['nasa_alpha'] <= 1 for r in records)
+    assert isinstance(M.load_checkpoint(out / 'student').denoiser, M.DiT)
+
+
+def test_the_shipped_negatives_are_the_worlds_attribute_words(tmp_path):
+    shapes.main(['negatives', str(tmp_path / 'negatives.txt')])
+    words = (tmp_path / 'negatives.txt').read_text().split('\n')[:-1]
+    assert words == list(shapes.COLOURS) + list(shapes.SHAPES)
+    assert (ROOT / 'checkpoints' / 'shapes_negatives.txt').read_text() == (tmp_path / 'negatives.txt').read_text()
+    assert {neg for _, neg in shapes.NEGATIVE_PAIRS} <= set(words)  # the pairs' negatives are among them
+
+
 def test_train_teacher_resumes_to_the_same_weights(tmp_path):
     from safetensors.torch import load_file
     common = dict(steps=3, batch_size=2, save_every=1, text_encoder=ROOT / 'checkpoints' / 'shapes_text')

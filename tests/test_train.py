@@ -103,6 +103,27 @@ def test_lora_on_the_resnet_convolutions_with_several_updates_per_step(unet_teac
     assert not any('lora_' in k for k in pipe.denoiser.state_dict())
 
 
+def test_regression_term_fits_the_frozen_teachers_ddim_pairs(unet_teacher, prompt_file, tmp_path):
+    """--regression-weight: the pairs are the frozen teacher's DDIM images from their own noise, drawn
+    once and cached (a resume reads them back, no second draw), and the term is logged each step."""
+    out = tmp_path / 'regression_run'
+    extra = ('--regression-weight', 0.5, '--regression-pairs', 3, '--regression-steps', 2, '--regression-cfg', 2.0)
+    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 2, *extra)])
+    records = check_log(read_log(out), 2, 2, (0.5, 4.0))
+    assert all(math.isfinite(r['regression']) and r['regression'] > 0 for r in records)
+    cache = [c for c in (out / 'prompt_cache').iterdir() if '-pairs-' in c.name]
+    assert len(cache) == 1
+    pairs = load_file(str(cache[0]))
+    assert pairs['z'].shape[0] == pairs['x0'].shape[0] == pairs['context'].shape[0] == 3
+    pipe = M.load_checkpoint(unet_teacher)
+    u, um, _ = pipe.text_encoder.null()
+    x0 = sample.ddim(pipe.denoiser, pipe.schedule, pairs['z'], (pairs['context'], None, None), (u, um, None), 2, 2.0)
+    torch.testing.assert_close(x0, pairs['x0'], rtol=1e-4, atol=1e-5)
+    stamp = cache[0].stat().st_mtime_ns
+    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 3, *extra, '--resume')])
+    assert cache[0].stat().st_mtime_ns == stamp and len(read_log(out)) == 3
+
+
 def test_unknown_lora_target_is_a_clean_error(unet_teacher, prompt_file, tmp_path):
     proc = run_script('train.py', *train_args(unet_teacher, prompt_file, tmp_path / 'x', 1, '--lora-targets', 'to_qq'),
                       timeout=STEP_TIMEOUT)
@@ -121,6 +142,47 @@ def test_pg_sb_steps_on_the_tiny_dit(dit_teacher, prompt_file, tmp_path):
     assert load_file(str(cache))['mask'].shape == (len(PROMPTS), 120)  # T5 masks were cached
     im = sample_from(out / 'student', tmp_path, '--height', 24, '--width', 40)
     assert im.size == (2 * 40, 24)
+
+
+def test_pg_sb_steps_on_a_tiny_sdxl(sdxl_teacher, prompt_file, tmp_path):
+    """The sdxl preset on tiny_sdxl: the pooled text is cached with the prompts, the null prompt is
+    SDXL's zeros, the size ids reach the UNet (which refuses to run without them), in train.py's main."""
+    out = tmp_path / 'sdxl_run'
+    train.main([str(a) for a in train_args(sdxl_teacher, prompt_file, out, 2, '--preset', 'sdxl',
+                                           '--lora-rank', 4, '--val-every', 2)])
+    check_log(read_log(out), 2, 2, (0.5, 4.0))  # the preset's kappa range
+    assert (out / 'val' / 'step-0000002.png').is_file()
+    cache = load_file(str(next((out / 'prompt_cache').iterdir())))
+    assert cache['pooled'].shape == (len(PROMPTS), 32) and cache['context'].shape[-1] == 64
+    assert not cache['null'].any() and not cache['null_pooled'].any()
+    pipe = M.load_checkpoint(out / 'student')
+    assert pipe.denoiser.cfg == M.PRESETS['tiny_sdxl'] and pipe.student_t == 999
+    assert pipe.text_encoder.model_2 is not None
+    teacher = M.load_checkpoint(sdxl_teacher, text=False).denoiser
+    assert differs(pipe.denoiser.state_dict(), teacher.state_dict())
+    im = sample_from(out / 'student', tmp_path)
+    assert im.size == (2 * 32, 32) and im.mode == 'RGB'
+
+
+def test_nasa_t_steps_cache_the_negatives_and_draw_alpha_each_step(unet_teacher, prompt_file, tmp_path):
+    """--nasa-train: the negatives are cached beside the prompts (this rank's shard), the NASA scale is
+    drawn in [0, nasa_alpha_max] each step and logged, and the student is written."""
+    from safetensors import safe_open
+    negatives = tmp_path / 'negatives.txt'
+    negatives.write_text('red\nblue\n\n  green \n')
+    out = tmp_path / 'nasa_t_run'
+    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 3, '--nasa-train', '--negative-prompts',
+                                           negatives, '--nasa-alpha-max', 0.8)])
+    records = check_log(read_log(out), 3, 2, (0.5, 4.0))
+    alphas = [r['nasa_alpha'] for r in records]
+    assert all(0 <= a <= 0.8 for a in alphas) and len(set(alphas)) == 3, alphas
+    caches = sorted((out / 'prompt_cache').iterdir())
+    neg_cache = [c for c in caches if '-negatives-0-of-1' in c.name]
+    assert len(caches) == 2 and len(neg_cache) == 1
+    with safe_open(str(neg_cache[0]), 'pt') as f:
+        assert json.loads(f.metadata()['prompts']) == ['red', 'blue', 'green']
+    assert load_file(str(neg_cache[0]))['context'].shape[:1] == (3,)
+    assert (out / 'student' / 'denoiser.safetensors').is_file()
 
 
 def test_two_ranks_under_torchrun_stay_identical(unet_teacher, prompt_file, tmp_path):

@@ -524,3 +524,127 @@ def test_pgsb_step_updates_the_student_then_the_lora_teacher_k_times(fresh):
     state = teacher.state_dict()
     for k, v in base.items():  # the frozen teacher's base weights never move
         torch.testing.assert_close(state[k.replace('to_q.', 'to_q.base.').replace('to_v.', 'to_v.base.')], v, rtol=0, atol=0)
+
+
+# -----------------------------------------------------------------------------
+# NASA-T (SNOOPI v3): negative prompts in distillation
+
+
+def nasa_t_setup(name, seed=0):
+    """A student, and a LoRA teacher whose adapters differ from the frozen teacher, with optimizers."""
+    student, teacher = tiny(name, seed).train(), tiny(name, seed)
+    teacher.requires_grad_(False)
+    lora_params = seeded(seed + 3, vsd.add_lora, teacher, 2, 4)  # its down weights: the same in every call
+    perturb_lora(teacher)
+    opts = {'student': torch.optim.AdamW(student.parameters(), lr=1e-3),
+            'lora': torch.optim.AdamW(lora_params, lr=1e-3)}
+    return student, teacher, opts
+
+
+def run_step(name, negative, alpha, cfg, B=2):
+    """One pgsb_step from fixed weights and seeds; negative None is the plain PG-SB step."""
+    student, teacher, opts = nasa_t_setup(name)
+    cond, null = texts(name, B=B)
+    g = torch.Generator().manual_seed(0)
+
+    def draw():
+        z = torch.randn(B, 4, 16, 16, generator=g)
+        return (z, cond, ['a'] * B) if negative is None else (z, cond, ['a'] * B, negative, alpha)
+
+    info, kappa = vsd.pgsb_step(student, teacher, schedule('sd'), opts, draw, null, cfg, torch.Generator().manual_seed(1))
+    return info, kappa, [p.detach().clone() for p in student.parameters()], \
+        [p.detach().clone() for p in opts['lora'].param_groups[0]['params']]
+
+
+@pytest.mark.parametrize('name', NETS)
+@pytest.mark.parametrize('fresh', [False, True])
+def test_nasa_t_at_alpha_zero_with_the_null_as_negative_is_the_plain_pgsb_step(name, fresh):
+    """The negative slot holding the null prompt and NASA's alpha 0: the student, the LoRA teacher and the
+    losses come out bit for bit as the plain PG-SB step's, from the same seeds."""
+    cfg = vsd.VSDConfig(lora_updates=2, lora_fresh=fresh)
+    _, null = texts(name, B=2)
+    no_negative = (null[0].expand(2, -1, -1), None if null[1] is None else null[1].expand(2, -1))
+    plain = run_step(name, None, 0.0, cfg)
+    nasa_t = run_step(name, no_negative, 0.0, cfg)
+    assert torch.equal(plain[0]['vsd'], nasa_t[0]['vsd']) and torch.equal(plain[0]['lora'], nasa_t[0]['lora'])
+    assert torch.equal(plain[1], nasa_t[1]) and nasa_t[0]['nasa_alpha'] == 0
+    for a, b in zip(plain[2] + plain[3], nasa_t[2] + nasa_t[3]):
+        assert torch.equal(a, b)
+    # a real negative, or alpha > 0, changes the step
+    other = (torch.randn(no_negative[0].shape, generator=torch.Generator().manual_seed(5)), no_negative[1])
+    for changed in (run_step(name, other, 0.0, cfg), run_step(name, no_negative, 0.7, cfg)):
+        assert any(not torch.equal(a, b) for a, b in zip(plain[2], changed[2]))
+
+
+def test_nasa_t_frozen_teacher_puts_the_negative_in_the_unconditional_slot():
+    """d loss / d x0 = sigma_t^2 (eps_teacher - eps_lora) / numel with, written out by hand from plain
+    forwards, eps_teacher = (1 - kappa) eps(x_t, y-) + kappa eps(x_t, y) (adapters off) and the LoRA
+    teacher's eps_u + kappa (eps_c - eps_u) on the null prompt (adapters on)."""
+    _, teacher = student_and_teacher()
+    perturb_lora(teacher)
+    s = schedule('sd')
+    cfg = vsd.VSDConfig()
+    (c, _), (u, _) = cond, null = texts('tiny_unet')
+    neg = torch.randn(c.shape, generator=torch.Generator().manual_seed(11))
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    loss, kappa = vsd.vsd_loss(teacher, s, x0, cond, null, cfg, torch.Generator().manual_seed(6), negative=(neg, None))
+    loss.backward()
+
+    g = torch.Generator().manual_seed(6)  # replay the draws: t, eps, kappa
+    t = torch.randint(cfg.t_min, cfg.t_max + 1, (2,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    k, _ = vsd.draw_kappa(cfg, 2, 'cpu', g)
+    assert torch.equal(k, kappa)
+    ac = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ac.sqrt() * x0.detach() + (1 - ac).sqrt() * eps
+    kk = k.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        with vsd.lora_disabled(teacher):
+            eps_teacher = (1 - kk) * teacher(x_t, t, neg) + kk * teacher(x_t, t, c)
+            eps_teacher_null = cfg_eps(teacher, x_t, t, c, u, k)
+        eps_lora = cfg_eps(teacher, x_t, t, c, u, k)
+    grad = (1 - ac) * (eps_teacher - eps_lora)
+    expected = grad / x0.numel()
+    torch.testing.assert_close(x0.grad, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item())
+    # and not the null prompt's guidance: the negative really is in the frozen teacher's slot
+    with_null = (1 - ac) * (eps_teacher_null - eps_lora) / x0.numel()
+    assert (x0.grad - with_null).abs().max() > 10 * (x0.grad - expected).abs().max()
+
+
+class Recording(nn.Module):
+    """Records, per forward, whether the LoRA adapters were on and the context it was given."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.calls = net, []
+
+    def forward(self, x, t, context, mask=None):
+        on = all(m.enabled for m in self.modules() if isinstance(m, vsd.LoRA))
+        self.calls.append((on, context.clone()))
+        return self.net(x, t, context, mask)
+
+
+def test_nasa_t_lora_teacher_never_sees_a_negative_prompt():
+    """A whole NASA-T step (two LoRA updates, half of the prompts dropped to the null prompt): the
+    student's forwards hold the negative prompt, the frozen teacher's hold it in the unconditional
+    half, and no forward of the LoRA teacher (guided eps, denoising loss) holds it anywhere."""
+    student, teacher, opts = nasa_t_setup('tiny_unet')
+    student, teacher = Recording(student), Recording(teacher)
+    cond, null = texts('tiny_unet', B=3)
+    neg = torch.full_like(cond[0], 3.0)  # a negative prompt's states, recognisable by value
+    g = torch.Generator().manual_seed(0)
+    draw = lambda: (torch.randn(3, 4, 16, 16, generator=g), cond, ['a'] * 3, (neg, None), 0.5)
+    cfg = vsd.VSDConfig(lora_updates=2, lora_fresh=True, null_prob=0.5)
+    vsd.pgsb_step(student, teacher, schedule('sd'), opts, draw, null, cfg, torch.Generator().manual_seed(1))
+
+    def holds_negative(context):  # any (sample, token) row equal to a negative's
+        return bool((context == 3.0).all(-1).any())
+    assert len(student.calls) == 3 and all(c.shape[1] == 2 and torch.equal(c[:, 1], neg) for _, c in student.calls)
+    frozen = [c for on, c in teacher.calls if not on]
+    lora = [c for on, c in teacher.calls if on]
+    assert len(frozen) == 1 and torch.equal(frozen[0][3:], neg) and torch.equal(frozen[0][:3], cond[0])
+    assert len(lora) == 3  # the guided eps, then one denoising forward per LoRA update
+    assert not any(holds_negative(c) for c in lora)
+    assert torch.equal(lora[0][3:], null[0].expand(3, -1, -1))  # its unconditional half: the null prompt
+    dropped = [c for c in lora[1:] if (c == null[0]).all(-1).all(-1).any()]
+    assert dropped  # the denoising loss's dropped prompts are the null prompt, not the negative
