@@ -48,6 +48,7 @@ import cli
 import convert
 import model as M
 import nasa
+import train
 import vsd
 
 # Reported FLOPs per 512x512 image (figure 2's floor), in TFLOP.
@@ -421,10 +422,10 @@ class OursPGSB:
     eps error, as in the reference. Frozen base weights in `frozen_dtype`; the student and the
     adapters train in fp32 (bf16 autocast on GPU, or wherever `bf16` asks for it)."""
 
-    def __init__(self, student, teacher, schedule, device, bf16=None, foreach=None):
+    def __init__(self, student, teacher, schedule, device, bf16=None, foreach=None, **levers):
         self.device, self.student, self.teacher, self.schedule = device, student.train(), teacher, schedule
         self.bf16 = device.type == 'cuda' if bf16 is None else bf16
-        self.vsd = vsd.VSDConfig(lora_loss='swiftbrush')
+        self.vsd = vsd.VSDConfig(lora_loss='swiftbrush', **levers)  # levers: vsd's memory options
         lora_params = [p for n, p in teacher.named_parameters() if '.lora_' in n]
         self.opts = {'student': torch.optim.AdamW(self.student.parameters(), lr=1e-6, foreach=foreach),
                      'lora': torch.optim.AdamW(lora_params, lr=1e-3, foreach=foreach)}
@@ -442,24 +443,32 @@ class OursPGSB:
         return cls(student, teacher, M.NoiseSchedule(M.SCHEDULES['sd']).to(device), device)
 
     def step(self, z, c, null, generator):
-        info, _ = vsd.pgsb_step(self.student, self.teacher, self.schedule, self.opts, lambda: (z, (c, None), None),
+        cond = (c, None) if torch.is_tensor(c) else (c[0], None, c[1])  # SDXL: (context, added)
+        info, _ = vsd.pgsb_step(self.student, self.teacher, self.schedule, self.opts, lambda: (z, cond, None),
                                 null, self.vsd, generator, lambda: autocast(self.device, self.bf16))
         return info['vsd'], info['lora']
 
 
 def peft_lora(teacher):
     """The LoRA teacher as the public SwiftBrush script builds it: peft adapters on a copy of the teacher."""
-    from peft import LoraConfig
-    teacher.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
-                                   init_lora_weights='gaussian'))
+    from peft import LoraConfig, inject_adapter_in_model
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'], init_lora_weights='gaussian')
+    if hasattr(teacher, 'add_adapter'):
+        teacher.add_adapter(config)
+    else:  # diffusers' PixArt model has no adapter methods: peft's own injection, the same layers
+        inject_adapter_in_model(config, teacher)
     return teacher
 
 
-def ref_eps(net, x, t, c):
-    """A diffusers denoiser's prediction: the UNet's, or PixArt's first channels (its learned sigma dropped)."""
+def ref_eps(net, x, t, c, added=None):
+    """A diffusers denoiser's prediction: the UNet's, or PixArt's first channels (its learned sigma
+    dropped). added: SDXL's pooled text and 6 size ids, concatenated (model.sdxl_added)."""
     if hasattr(net.config, 'caption_channels'):
         cond = {'resolution': None, 'aspect_ratio': None}
         return net(x, c, timestep=t, added_cond_kwargs=cond).sample[:, :x.shape[1]]
+    if added is not None:
+        cond = {'text_embeds': added[:, :-6], 'time_ids': added[:, -6:]}
+        return net(x, t, encoder_hidden_states=c, added_cond_kwargs=cond).sample
     return net(x, t, encoder_hidden_states=c).sample
 
 
@@ -494,12 +503,14 @@ class RefPGSB:
         return cls(student, teacher, lora, device)
 
     def step(self, z, c, null, generator):
-        u, _ = null
+        u, _, *ua = null
+        c, added = (c, None) if torch.is_tensor(c) else c  # SDXL: (context, added)
+        u_added = ua[0].expand_as(added) if added is not None else None
         B, T, v = z.shape[0], self.scheduler.config.num_train_timesteps, self.vsd
         a = lambda t: self.alphas_cumprod[t].view(-1, 1, 1, 1)
         with autocast(self.device, self.bf16):
             t_student = torch.full((B,), T - 1, device=z.device, dtype=torch.long)
-            eps_hat = ref_eps(self.student, z, t_student, c)
+            eps_hat = ref_eps(self.student, z, t_student, c, added)
             x0 = (z - (1 - a(t_student)).sqrt() * eps_hat) / a(t_student).sqrt()
             t = torch.randint(v.t_min, v.t_max + 1, (B,), device=z.device, generator=generator)
             eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
@@ -508,10 +519,10 @@ class RefPGSB:
             kappa = kappa.view(-1, 1, 1, 1)
             with torch.no_grad():
                 uncond = u.expand_as(c)
-                teacher_c = ref_eps(self.teacher, x_t, t, c)
-                teacher_u = ref_eps(self.teacher, x_t, t, uncond)
-                lora_c = ref_eps(self.lora, x_t, t, c)
-                lora_u = ref_eps(self.lora, x_t, t, uncond)
+                teacher_c = ref_eps(self.teacher, x_t, t, c, added)
+                teacher_u = ref_eps(self.teacher, x_t, t, uncond, u_added)
+                lora_c = ref_eps(self.lora, x_t, t, c, added)
+                lora_u = ref_eps(self.lora, x_t, t, uncond, u_added)
                 eps_teacher = teacher_u + kappa * (teacher_c - teacher_u)
                 eps_lora = lora_u + kappa * (lora_c - lora_u)
                 grad = torch.nan_to_num((1 - a(t)) * (eps_teacher - eps_lora))
@@ -526,7 +537,8 @@ class RefPGSB:
             eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
             drop = torch.rand(B, device=z.device, generator=generator) < v.null_prob
             c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
-            eps_pred = ref_eps(self.lora, self.scheduler.add_noise(x0, eps, t), t, c)
+            added = None if added is None else torch.where(drop.view(-1, 1), u_added, added)
+            eps_pred = ref_eps(self.lora, self.scheduler.add_noise(x0, eps, t), t, c, added)
             w = a(t).sqrt()
             lora_loss = F.mse_loss((w * eps_pred).float(), (w * eps).float())
         self.opt_lora.zero_grad(set_to_none=True)
@@ -714,6 +726,15 @@ class LiveBytes(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
         return out
 
+    def __enter__(self):
+        gc.collect()
+        gc.freeze()  # what exists now is not the step's garbage: each collection then scans only the new objects
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        gc.unfreeze()
+        return super().__exit__(*exc)
+
     def track(self, storage):
         key = storage._cdata  # the storage itself: views and Parameters share it
         if key not in self.held:
@@ -755,10 +776,17 @@ CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cp
 class Levers:
     frozen_bf16: bool = True          # teacher base and VAE weights held in bf16
     grad_checkpointing: bool = True   # the student's blocks recomputed in the backward pass
+    lora_checkpointing: bool = True   # the teacher's blocks recomputed in the LoRA teacher's backward (vsd.py)
+    free_student_grads: bool = True   # the student's gradients dropped before the LoRA update (vsd.py)
+
+    NAMES = {'frozen_bf16': 'frozen bf16', 'grad_checkpointing': 'grad checkpointing',
+             'lora_checkpointing': 'LoRA checkpointing', 'free_student_grads': 'student grads freed'}
 
     def __str__(self):
-        on = [name for name, v in (('frozen bf16', self.frozen_bf16), ('grad checkpointing', self.grad_checkpointing)) if v]
-        return ', '.join(on) or 'none'
+        return ', '.join(name for k, name in self.NAMES.items() if getattr(self, k)) or 'none'
+
+    def vsd(self):
+        return dict(lora_grad_checkpointing=self.lora_checkpointing, free_student_grads=self.free_student_grads)
 
 
 def schedule_for(cfg):
@@ -782,7 +810,7 @@ def plan_ours(cfg, levers, vae=True):
         held = plan_vae(frozen) if vae else None
     device = torch.device('cpu')
     return lambda: (OursPGSB(materialize(student), materialize(teacher), materialize(schedule), device,
-                             bf16=True, foreach=True), held and materialize(held))
+                             bf16=True, foreach=True, **levers.vsd()), held and materialize(held))
 
 
 def plan_ref(cfg, levers, vae=True):
@@ -801,10 +829,16 @@ def plan_ref(cfg, levers, vae=True):
 
 
 def plan_inputs(cfg, batch):
-    """z, prompt states, the null prompt's: 77 CLIP tokens for a UNet, 120 T5 tokens for a DiT."""
+    """z, prompt states, the null prompt's: 77 CLIP tokens for a UNet, 120 T5 tokens for a DiT; for
+    SDXL the states come with the pooled text and size ids: (context, added) and (null, None, added)."""
     L, C = (120, cfg.caption_channels) if isinstance(cfg, M.DiTConfig) else (77, cfg.context_dim)
     z = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    return z, torch.randn(batch, L, C), (torch.randn(1, L, C), None)
+    c, u = torch.randn(batch, L, C), torch.randn(1, L, C)
+    if getattr(cfg, 'addition_embed', None):
+        px = cfg.sample_size * 8
+        added = M.sdxl_added(torch.randn(batch, cfg.pooled_dim), px, px)
+        return z, (c, added), (u, None, M.sdxl_added(torch.randn(1, cfg.pooled_dim), px, px))
+    return z, c, (u, None)
 
 
 @dataclass
@@ -814,13 +848,27 @@ class StepPlan:
     flops: int     # one step's FLOPs
     batch: int
     student_params: int
+    grads_freed: bool = False  # the student's gradients are dropped after its update (not in `static`)
+    units: tuple = ()          # parameters of each unit train.py's --fsdp shards (train.fsdp_units)
+
+    def fsdp_gathered(self):
+        """Bytes FSDP holds unsharded on top of the shards (fp32): the root's own parameters (held
+        through the forward), two units (the one running and the one prefetched) and one unit's full
+        gradients before their reduce-scatter. Counted as if all were live at the step's peak: an
+        upper bound, since the peak may come in the LoRA update, when the student holds only its shards."""
+        root = self.student_params - sum(self.units)
+        return 4 * (root + 3 * max(self.units, default=0))
 
     def peak_at(self, batch, shard_gpus=1):
         """Peak bytes at another batch: the activations scale with it, the rest does not. With the
-        student sharded over shard_gpus (FSDP), its fp32 weights, gradients and AdamW moments (16 bytes a
-        parameter) shrink to their share; the one block gathered at a time is not counted."""
-        sharded = 16 * self.student_params * (1 - 1 / shard_gpus)
-        return self.static - sharded + (self.peak - self.static) * batch / self.batch
+        student sharded over shard_gpus (FSDP, an estimate), its fp32 weights and AdamW moments (12
+        bytes a parameter; 16 with the gradients when they are held after the step) shrink to their
+        share, and fsdp_gathered() is added."""
+        sharded = gathered = 0
+        if shard_gpus > 1:
+            sharded = (12 if self.grads_freed else 16) * self.student_params * (1 - 1 / shard_gpus)
+            gathered = self.fsdp_gathered()
+        return self.static - sharded + gathered + (self.peak - self.static) * batch / self.batch
 
     def largest_batch(self, gib, shard_gpus=1):
         per_image = (self.peak - self.static) / self.batch
@@ -837,8 +885,10 @@ def trace_step(build, cfg, batch):
             setup.step(*inputs, None)
         del inputs
         static = mem.live
+        units = tuple(sum(p.numel() for p in u.parameters()) for u in train.fsdp_units(setup.student))
         return StepPlan(mem.peak, static, counter.get_total_flops(), batch,
-                        sum(p.numel() for p in setup.student.parameters()))
+                        sum(p.numel() for p in setup.student.parameters()),
+                        getattr(setup, 'vsd', None) is not None and setup.vsd.free_student_grads, units)
 
 
 def measured_peak(setup, inputs):
@@ -867,16 +917,19 @@ def generation_flops(cfg):
     out = []
     for build_net, build_vae, run in (
             (lambda: M.build(cfg), lambda: M.build(M.PRESETS['sd_vae']),
-             lambda net, vae, z, c: vae.decode(net(z, torch.full((1,), 999), c)[:, :4])),
+             lambda net, vae, z, c, added: vae.decode(
+                 (net(z, torch.full((1,), 999), c) if added is None else
+                  net(z, torch.full((1,), 999), c, added=added))[:, :4])),
             (lambda: diffusers_net(cfg), lambda: diffusers_net(M.PRESETS['sd_vae']),
-             lambda net, vae, z, c: vae.decode(ref_eps(net, z, torch.full((1,), 999), c)).sample)):
+             lambda net, vae, z, c, added: vae.decode(ref_eps(net, z, torch.full((1,), 999), c, added)).sample)):
         with torch.device('meta'):
             net, vae = build_net().to(torch.bfloat16), build_vae().to(torch.bfloat16)
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
             net, vae = materialize(net), materialize(vae)
             z, c, _ = plan_inputs(cfg, 1)
+            c, added = (c, None) if torch.is_tensor(c) else c
             with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
-                run(net, vae, z.bfloat16(), c.bfloat16())
+                run(net, vae, z.bfloat16(), c.bfloat16(), None if added is None else added.bfloat16())
         out.append(counter.get_total_flops())
     return out
 
@@ -891,9 +944,10 @@ def plan(batch, models=PLAN_MODELS, lever_model='sd21', log=print):
         start = time.time()
         ours, ref = trace_step(plan_ours(cfg, default), cfg, batch), trace_step(plan_ref(cfg, default), cfg, batch)
         rows.append((name, str(default), ours, ref, 1))
-        if name == lever_model:
-            rows.append((name, f'{default} + FSDP over {FSDP_GPUS} GPUs (estimate)', ours, None, FSDP_GPUS))
-            for levers in (Levers(grad_checkpointing=False), Levers(False, False)):
+        rows.append((name, f'{default} + FSDP over {FSDP_GPUS} GPUs (estimate)', ours, None, FSDP_GPUS))
+        if name == lever_model:  # each lever off alone, then all of them
+            off = [Levers(**{k: False}) for k in Levers.NAMES] + [Levers(**{k: False for k in Levers.NAMES})]
+            for levers in off:
                 rows.append((name, str(levers), trace_step(plan_ours(cfg, levers), cfg, batch), None, 1))
         gen.append((name, *generation_flops(cfg)))
         log(f'planned {name} in {time.time() - start:.0f} s')
@@ -921,7 +975,7 @@ def plan_table(rows, gen):
         out.append(f'| {name} | {levers} | {ours.batch} | {peak:.1f} GiB | {gib(ref.peak):.1f} GiB | '
                    f'{ours.peak / ref.peak:.2f} | {ours.flops / 1e12:.1f} | {ref.flops / 1e12:.1f} | {fits} | {ref_fits} |')
     floor = TFLOP_DENOISER + TFLOP_VAE_DECODER
-    out += ['', '### Plan: one-step generation, one 512x512 image (denoiser + VAE decoder)', '',
+    out += ['', '### Plan: one-step generation, one image at the model\'s size (denoiser + VAE decoder)', '',
             f'| model | ours TFLOP | diffusers TFLOP | ours/diffusers | reported floor (SD: {floor} TFLOP) |',
             '|---|---|---|---|---|']
     for name, ours, ref in gen:

@@ -189,6 +189,17 @@ def ranks_agree(tensors, device):
     return bool(flag.item())
 
 
+FSDP_UNITS = ('resnets', 'transformer_blocks', 'downsamplers', 'upsamplers')
+
+
+def fsdp_units(net):
+    """The blocks --fsdp shards one by one (each gathered for its own forward and backward): every
+    ResNet block, transformer block, down- and upsampler; the rest (embeddings, the attention
+    projections, the input and output layers) is the root's."""
+    return [m for name, group in net.named_modules() if name.rsplit('.', 1)[-1] in FSDP_UNITS
+            and isinstance(group, torch.nn.ModuleList) for m in group]
+
+
 # -----------------------------------------------------------------------------
 # Prompts: encoded once, cached as safetensors, each rank its own shard
 
