@@ -888,7 +888,7 @@ def trace_step(build, cfg, batch):
         units = tuple(sum(p.numel() for p in u.parameters()) for u in train.fsdp_units(setup.student))
         return StepPlan(mem.peak, static, counter.get_total_flops(), batch,
                         sum(p.numel() for p in setup.student.parameters()),
-                        getattr(setup, 'vsd', None) is not None and setup.vsd.free_student_grads, units)
+                        isinstance(setup, OursPGSB) and setup.vsd.free_student_grads, units)
 
 
 def measured_peak(setup, inputs):
@@ -934,21 +934,23 @@ def generation_flops(cfg):
     return out
 
 
-def plan(batch, models=PLAN_MODELS, lever_model='sd21', log=print):
-    """The plan's rows: per model, ours and the reference at the default levers; for lever_model, ours
-    with the levers off one at a time; and one-step generation FLOPs."""
+def plan(batch, models=PLAN_MODELS, lever_model='sd21', log=print, vae=True):
+    """The plan's rows: per model, ours and the reference at the default levers and ours with FSDP; for
+    lever_model, ours with the levers off one at a time and all off; and one-step generation FLOPs.
+    vae: hold the frozen VAE beside the networks, as a training does."""
     rows, gen = [], []
     default = Levers()
     for name in (m for m in models if m in M.PRESETS):
         cfg = M.PRESETS[name]
         start = time.time()
-        ours, ref = trace_step(plan_ours(cfg, default), cfg, batch), trace_step(plan_ref(cfg, default), cfg, batch)
+        ours = trace_step(plan_ours(cfg, default, vae), cfg, batch)
+        ref = trace_step(plan_ref(cfg, default, vae), cfg, batch)
         rows.append((name, str(default), ours, ref, 1))
         rows.append((name, f'{default} + FSDP over {FSDP_GPUS} GPUs (estimate)', ours, None, FSDP_GPUS))
         if name == lever_model:  # each lever off alone, then all of them
             off = [Levers(**{k: False}) for k in Levers.NAMES] + [Levers(**{k: False for k in Levers.NAMES})]
             for levers in off:
-                rows.append((name, str(levers), trace_step(plan_ours(cfg, levers), cfg, batch), None, 1))
+                rows.append((name, str(levers), trace_step(plan_ours(cfg, levers, vae), cfg, batch), None, 1))
         gen.append((name, *generation_flops(cfg)))
         log(f'planned {name} in {time.time() - start:.0f} s')
     return rows, gen
@@ -979,7 +981,7 @@ def plan_table(rows, gen):
             f'| model | ours TFLOP | diffusers TFLOP | ours/diffusers | reported floor (SD: {floor} TFLOP) |',
             '|---|---|---|---|---|']
     for name, ours, ref in gen:
-        f = f'{ours / 1e12 / floor:.2f} x' if name.startswith('sd') else '—'
+        f = f'{ours / 1e12 / floor:.2f} x' if name in ('sd15', 'sd21') else '—'  # the floor is SD's
         out.append(f'| {name} | {ours / 1e12:.2f} | {ref / 1e12:.2f} | {ours / ref:.3f} | {f} |')
     return '\n'.join(out)
 
