@@ -33,15 +33,22 @@ import json
 import re
 import statistics
 import time
+import weakref
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cli
 import convert
 import model as M
 import nasa
+import train
 import vsd
 
 # Reported FLOPs per 512x512 image (figure 2's floor), in TFLOP.
@@ -58,6 +65,7 @@ class Options:
     quick: bool = False
     compile: bool = False
     channels_last: bool = False
+    grad_checkpointing: bool = False
 
 
 # -----------------------------------------------------------------------------
@@ -402,51 +410,77 @@ def figure2(opt):
 LORA_RANK, LORA_ALPHA = 64, 128  # SNOOPI Table 6
 
 
-def autocast(device):
-    return torch.autocast('cuda', torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
+def autocast(device, bf16=None):
+    """bf16 autocast on CUDA (or wherever bf16=True asks for it); off elsewhere."""
+    bf16 = device.type == 'cuda' if bf16 is None else bf16
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
 
 class OursPGSB:
     """Our step, as train.py runs it: vsd.pgsb_step, one teacher whose LoRA adapters are switched off
     for the frozen pass, cond/uncond batched. The LoRA teacher's loss is SwiftBrush's alpha_t-weighted
     eps error, as in the reference. Frozen base weights in `frozen_dtype`; the student and the
-    adapters train in fp32 (bf16 autocast on GPU)."""
+    adapters train in fp32 (bf16 autocast on GPU, or wherever `bf16` asks for it)."""
 
-    def __init__(self, state, lora_state, cfg, device, frozen_dtype):
-        self.cfg, self.device = cfg, device
-        self.student = ours_from_state(state, cfg).to(device).train()
-        self.teacher = ours_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
-        lora_params = vsd.add_lora(self.teacher, LORA_RANK, LORA_ALPHA)
-        load_lora(self.teacher, lora_state)
-        self.schedule = M.NoiseSchedule(M.SCHEDULES['sd']).to(device)
-        self.vsd = vsd.VSDConfig(lora_loss='swiftbrush')
-        self.opts = {'student': torch.optim.AdamW(self.student.parameters(), lr=1e-6),
-                     'lora': torch.optim.AdamW(lora_params, lr=1e-3)}
+    def __init__(self, student, teacher, schedule, device, bf16=None, foreach=None, **levers):
+        self.device, self.student, self.teacher, self.schedule = device, student.train(), teacher, schedule
+        self.bf16 = device.type == 'cuda' if bf16 is None else bf16
+        self.vsd = vsd.VSDConfig(lora_loss='swiftbrush', **levers)  # levers: vsd's memory options
+        lora_params = [p for n, p in teacher.named_parameters() if '.lora_' in n]
+        self.opts = {'student': torch.optim.AdamW(self.student.parameters(), lr=1e-6, foreach=foreach),
+                     'lora': torch.optim.AdamW(lora_params, lr=1e-3, foreach=foreach)}
+
+    @classmethod
+    def from_state(cls, state, lora_state, cfg, device, frozen_dtype, opt=None):
+        """From a diffusers state dict; opt's levers (gradient checkpointing, channels-last) applied."""
+        student = ours_from_state(state, cfg).to(device)
+        teacher = ours_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
+        student.grad_checkpointing = bool(opt and opt.grad_checkpointing)
+        if opt and opt.channels_last:
+            student, teacher = (n.to(memory_format=torch.channels_last) for n in (student, teacher))
+        vsd.add_lora(teacher, LORA_RANK, LORA_ALPHA)
+        load_lora(teacher, lora_state)
+        return cls(student, teacher, M.NoiseSchedule(M.SCHEDULES['sd']).to(device), device)
 
     def step(self, z, c, null, generator):
-        info, _ = vsd.pgsb_step(self.student, self.teacher, self.schedule, self.opts, lambda: (z, (c, None), None),
-                                null, self.vsd, generator, lambda: autocast(self.device))
+        cond = (c, None) if torch.is_tensor(c) else (c[0], None, c[1])  # SDXL: (context, added)
+        info, _ = vsd.pgsb_step(self.student, self.teacher, self.schedule, self.opts, lambda: (z, cond, None),
+                                null, self.vsd, generator, lambda: autocast(self.device, self.bf16))
         return info['vsd'], info['lora']
 
 
+def peft_lora(teacher):
+    """The LoRA teacher as the public SwiftBrush script builds it: peft adapters on a copy of the teacher."""
+    from peft import LoraConfig, inject_adapter_in_model
+    config = LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'], init_lora_weights='gaussian')
+    if hasattr(teacher, 'add_adapter'):
+        teacher.add_adapter(config)
+    else:  # diffusers' PixArt model has no adapter methods: peft's own injection, the same layers
+        inject_adapter_in_model(config, teacher)
+    return teacher
+
+
+def ref_eps(net, x, t, c, added=None):
+    """A diffusers denoiser's prediction: the UNet's, or PixArt's first channels (its learned sigma
+    dropped). added: SDXL's pooled text and 6 size ids, concatenated (model.sdxl_added)."""
+    if hasattr(net.config, 'caption_channels'):
+        cond = {'resolution': None, 'aspect_ratio': None}
+        return net(x, c, timestep=t, added_cond_kwargs=cond).sample[:, :x.shape[1]]
+    if added is not None:
+        cond = {'text_embeds': added[:, :-6], 'time_ids': added[:, -6:]}
+        return net(x, t, encoder_hidden_states=c, added_cond_kwargs=cond).sample
+    return net(x, t, encoder_hidden_states=c).sample
+
+
 class RefPGSB:
-    """The step as the public SwiftBrush script builds it: three diffusers UNets (student, frozen
+    """The step as the public SwiftBrush script builds it: three diffusers networks (student, frozen
     teacher, a peft-LoRA copy of the teacher), four separate teacher forwards, DDPMScheduler noise.
     Random numbers are drawn in the same order as vsd.py, so the two steps compute the same losses."""
 
-    def __init__(self, state, lora_state, cfg, device, frozen_dtype):
+    def __init__(self, student, teacher, lora, device, bf16=None, foreach=None):
         from diffusers import DDPMScheduler
-        from diffusers.training_utils import cast_training_params
-        from peft import LoraConfig
-        self.cfg, self.device = cfg, device
-        self.student = diffusers_from_state(state, cfg).to(device).train()
-        self.teacher = diffusers_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
-        self.lora = copy.deepcopy(self.teacher)
-        self.lora.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
-                                         init_lora_weights='gaussian'))
-        unexpected = self.lora.load_state_dict(lora_state, strict=False).unexpected_keys
-        assert not unexpected, f'LoRA weights peft does not know: {unexpected[:3]}'
-        cast_training_params(self.lora, dtype=torch.float32)
+        self.device, self.student, self.teacher, self.lora = device, student.train(), teacher, lora
+        self.bf16 = device.type == 'cuda' if bf16 is None else bf16
         s = M.SCHEDULES['sd']
         self.scheduler = DDPMScheduler(num_train_timesteps=s.num_train_timesteps, beta_start=s.beta_start,
                                        beta_end=s.beta_end, beta_schedule=s.beta_schedule)
@@ -454,16 +488,29 @@ class RefPGSB:
         self.vsd = vsd.VSDConfig()
         self.student_params = list(self.student.parameters())
         self.lora_params = [p for p in self.lora.parameters() if p.requires_grad]
-        self.opt_student = torch.optim.AdamW(self.student_params, lr=1e-6)
-        self.opt_lora = torch.optim.AdamW(self.lora_params, lr=1e-3)
+        self.opt_student = torch.optim.AdamW(self.student_params, lr=1e-6, foreach=foreach)
+        self.opt_lora = torch.optim.AdamW(self.lora_params, lr=1e-3, foreach=foreach)
+
+    @classmethod
+    def from_state(cls, state, lora_state, cfg, device, frozen_dtype, opt=None):
+        from diffusers.training_utils import cast_training_params
+        student = diffusers_from_state(state, cfg).to(device)
+        teacher = diffusers_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
+        lora = peft_lora(copy.deepcopy(teacher))
+        unexpected = lora.load_state_dict(lora_state, strict=False).unexpected_keys
+        assert not unexpected, f'LoRA weights peft does not know: {unexpected[:3]}'
+        cast_training_params(lora, dtype=torch.float32)
+        return cls(student, teacher, lora, device)
 
     def step(self, z, c, null, generator):
-        u, _ = null
+        u, _, *ua = null
+        c, added = (c, None) if torch.is_tensor(c) else c  # SDXL: (context, added)
+        u_added = ua[0].expand_as(added) if added is not None else None
         B, T, v = z.shape[0], self.scheduler.config.num_train_timesteps, self.vsd
         a = lambda t: self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             t_student = torch.full((B,), T - 1, device=z.device, dtype=torch.long)
-            eps_hat = self.student(z, t_student, encoder_hidden_states=c).sample
+            eps_hat = ref_eps(self.student, z, t_student, c, added)
             x0 = (z - (1 - a(t_student)).sqrt() * eps_hat) / a(t_student).sqrt()
             t = torch.randint(v.t_min, v.t_max + 1, (B,), device=z.device, generator=generator)
             eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
@@ -472,10 +519,10 @@ class RefPGSB:
             kappa = kappa.view(-1, 1, 1, 1)
             with torch.no_grad():
                 uncond = u.expand_as(c)
-                teacher_c = self.teacher(x_t, t, encoder_hidden_states=c).sample
-                teacher_u = self.teacher(x_t, t, encoder_hidden_states=uncond).sample
-                lora_c = self.lora(x_t, t, encoder_hidden_states=c).sample
-                lora_u = self.lora(x_t, t, encoder_hidden_states=uncond).sample
+                teacher_c = ref_eps(self.teacher, x_t, t, c, added)
+                teacher_u = ref_eps(self.teacher, x_t, t, uncond, u_added)
+                lora_c = ref_eps(self.lora, x_t, t, c, added)
+                lora_u = ref_eps(self.lora, x_t, t, uncond, u_added)
                 eps_teacher = teacher_u + kappa * (teacher_c - teacher_u)
                 eps_lora = lora_u + kappa * (lora_c - lora_u)
                 grad = torch.nan_to_num((1 - a(t)) * (eps_teacher - eps_lora))
@@ -484,13 +531,14 @@ class RefPGSB:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student_params, 1.0)
         self.opt_student.step()
-        with autocast(self.device):
+        with autocast(self.device, self.bf16):
             x0 = x0.detach()
             t = torch.randint(0, T, (B,), device=z.device, generator=generator)
             eps = torch.randn(x0.shape, device=z.device, dtype=x0.dtype, generator=generator)
             drop = torch.rand(B, device=z.device, generator=generator) < v.null_prob
             c = torch.where(drop.view(-1, 1, 1), u.expand_as(c), c)
-            eps_pred = self.lora(self.scheduler.add_noise(x0, eps, t), t, encoder_hidden_states=c).sample
+            added = None if added is None else torch.where(drop.view(-1, 1), u_added, added)
+            eps_pred = ref_eps(self.lora, self.scheduler.add_noise(x0, eps, t), t, c, added)
             w = a(t).sqrt()
             lora_loss = F.mse_loss((w * eps_pred).float(), (w * eps).float())
         self.opt_lora.zero_grad(set_to_none=True)
@@ -503,10 +551,7 @@ class RefPGSB:
 def lora_weights(cfg, seed=2):
     """peft LoRA weights for the teacher (keys as peft names them), with a non-zero up-projection
     so that the LoRA teacher differs from the frozen one and the VSD loss is not trivially 0."""
-    from peft import LoraConfig
-    teacher = diffusers_net(cfg)
-    teacher.add_adapter(LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=['to_q', 'to_v'],
-                                   init_lora_weights='gaussian'))
+    teacher = peft_lora(diffusers_net(cfg))
     g = torch.Generator().manual_seed(seed)
     state = {}
     for k, v in teacher.state_dict().items():
@@ -550,7 +595,7 @@ def pgsb_alone(cls, state, lora_state, cfg, inputs, opt, frozen_dtype):
     free()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    setup = cls(state, lora_state, cfg, opt.device, frozen_dtype)
+    setup = cls.from_state(state, lora_state, cfg, opt.device, frozen_dtype, opt)
     losses, step = first_step(setup, inputs, opt.device)
     for _ in range(opt.warmup):
         step()
@@ -574,8 +619,8 @@ def bench_pgsb(preset, size, batch, opt, goals=True):
         ref_losses, ref_t, ref_mem = pgsb_alone(RefPGSB, state, lora_state, cfg, inputs, opt, frozen)
         losses, t, mem = pgsb_alone(OursPGSB, state, lora_state, cfg, inputs, opt, frozen)
     else:
-        losses, step = first_step(OursPGSB(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
-        ref_losses, ref_step = first_step(RefPGSB(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
+        losses, step = first_step(OursPGSB.from_state(state, lora_state, cfg, opt.device, frozen, opt), inputs, opt.device)
+        ref_losses, ref_step = first_step(RefPGSB.from_state(state, lora_state, cfg, opt.device, frozen), inputs, opt.device)
         (t, ref_t), mem, ref_mem = time_pair(step, ref_step, opt, min_sample=0), None, None
     err = max(rel_err(a, b) for a, b in zip(losses, ref_losses))  # VSD loss, LoRA loss
     prec = 'bf16 autocast, frozen weights bf16' if opt.device.type == 'cuda' else 'fp32'
@@ -643,6 +688,305 @@ def figure4(opt):
 
 
 # -----------------------------------------------------------------------------
+# The plan: peak memory and FLOPs of one PG-SB step per GPU at the real sizes, computed on the CPU
+#
+# Under FakeTensorMode a tensor has its shape, dtype and a storage of the right size, but no data:
+# an SD2.1 step at batch 16 runs in seconds. LiveBytes adds each new storage's bytes when an op
+# creates it and takes them off when the storage dies; its high-water mark is what CUDA's
+# max_memory_allocated reports (less the allocator's rounding). FlopCounterMode counts matmuls,
+# convolutions and attention (a multiply-add is 2 FLOPs). The fake tensors live on the CPU with CPU
+# bf16 autocast; attention takes the fused (flash) path there as on the GPU, so no N x N matrix.
+
+PLAN_MODELS = ('sd15', 'sd21', 'sdxl', 'pixart_alpha_512')  # those model.py has presets for are planned
+GPU_GB = (24, 40, 80)
+HEADROOM = 0.9  # a step fits a GPU when its tensors take at most this share (CUDA context, workspaces, fragmentation)
+FSDP_GPUS = 4   # the paper's 4 GPUs
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes held by live tensor storages: now (`live`) and at most (`peak`). Fake tensors are also
+    held in reference cycles (the fake mode's bookkeeping) that a real run does not make; before a
+    new high is recorded, once the bytes have grown by `slack` since the last time, the garbage
+    collector frees them, so the peak is within `slack` of the real one."""
+
+    def __init__(self, slack=0.05):
+        super().__init__()
+        self.live = self.peak = self.collected_at = 0
+        self.held, self.slack = set(), slack
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.track(t.untyped_storage())
+        if self.live > self.peak:
+            if self.live > (1 + self.slack) * self.collected_at:
+                gc.collect()
+                self.collected_at = self.live
+            self.peak = max(self.peak, self.live)
+        return out
+
+    def __enter__(self):
+        gc.collect()
+        gc.freeze()  # what exists now is not the step's garbage: each collection then scans only the new objects
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        gc.unfreeze()
+        return super().__exit__(*exc)
+
+    def track(self, storage):
+        key = storage._cdata  # the storage itself: views and Parameters share it
+        if key not in self.held:
+            self.held.add(key)
+            self.live += storage.nbytes()
+            weakref.finalize(storage, self.release, key, storage.nbytes())
+
+    def release(self, key, nbytes):
+        self.held.discard(key)
+        self.live -= nbytes
+
+
+def materialize(module, device='cpu'):
+    """Storages for a module built on the meta device (fake ones under FakeTensorMode), set in place:
+    Module.to() cannot swap fake tensors into a module."""
+    for m in module.modules():
+        for d in (m._parameters, m._buffers):
+            for k, v in d.items():
+                if v is not None and v.is_meta:
+                    new = torch.empty_like(v, device=device)
+                    d[k] = nn.Parameter(new, v.requires_grad) if isinstance(v, nn.Parameter) else new
+    return module
+
+
+def cpu_flash_flops(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def cpu_flash_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# the CPU's fused attention, counted like CUDA's flash attention
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_flash_flops,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_flash_backward_flops}
+
+
+@dataclass
+class Levers:
+    frozen_bf16: bool = True          # teacher base and VAE weights held in bf16
+    grad_checkpointing: bool = True   # the student's blocks recomputed in the backward pass
+    lora_checkpointing: bool = True   # the teacher's blocks recomputed in the LoRA teacher's backward (vsd.py)
+    free_student_grads: bool = True   # the student's gradients dropped before the LoRA update (vsd.py)
+
+    NAMES = {'frozen_bf16': 'frozen bf16', 'grad_checkpointing': 'grad checkpointing',
+             'lora_checkpointing': 'LoRA checkpointing', 'free_student_grads': 'student grads freed'}
+
+    def __str__(self):
+        return ', '.join(name for k, name in self.NAMES.items() if getattr(self, k)) or 'none'
+
+    def vsd(self):
+        return dict(lora_grad_checkpointing=self.lora_checkpointing, free_student_grads=self.free_student_grads)
+
+
+def schedule_for(cfg):
+    return M.SCHEDULES['pixart' if isinstance(cfg, M.DiTConfig) else 'sd']
+
+
+def plan_vae(frozen):
+    """The frozen VAE a training holds beside the networks (for validation images and the CLIP loss)."""
+    return M.build(M.PRESETS['sd_vae']).to(frozen).requires_grad_(False)
+
+
+def plan_ours(cfg, levers, vae=True):
+    """Our step's networks on the meta device: () -> (OursPGSB on fake storages, the VAE's)."""
+    frozen = torch.bfloat16 if levers.frozen_bf16 else torch.float32
+    with torch.device('meta'):
+        student = M.build(cfg)
+        student.grad_checkpointing = levers.grad_checkpointing
+        teacher = M.build(cfg).to(frozen).requires_grad_(False)
+        vsd.add_lora(teacher, LORA_RANK, LORA_ALPHA)
+        schedule = M.NoiseSchedule(schedule_for(cfg))
+        held = plan_vae(frozen) if vae else None
+    device = torch.device('cpu')
+    return lambda: (OursPGSB(materialize(student), materialize(teacher), materialize(schedule), device,
+                             bf16=True, foreach=True, **levers.vsd()), held and materialize(held))
+
+
+def plan_ref(cfg, levers, vae=True):
+    """The reference step's networks on the meta device (three diffusers networks, peft LoRA)."""
+    from diffusers.training_utils import cast_training_params
+    frozen = torch.bfloat16 if levers.frozen_bf16 else torch.float32
+    with torch.device('meta'):
+        student = diffusers_net(cfg)
+        teacher = diffusers_net(cfg).to(frozen).requires_grad_(False)
+        lora = peft_lora(copy.deepcopy(teacher))
+        cast_training_params(lora, dtype=torch.float32)
+        held = plan_vae(frozen) if vae else None
+    device = torch.device('cpu')
+    return lambda: (RefPGSB(materialize(student), materialize(teacher), materialize(lora), device,
+                            bf16=True, foreach=True), held and materialize(held))
+
+
+def plan_inputs(cfg, batch):
+    """z, prompt states, the null prompt's: 77 CLIP tokens for a UNet, 120 T5 tokens for a DiT; for
+    SDXL the states come with the pooled text and size ids: (context, added) and (null, None, added)."""
+    L, C = (120, cfg.caption_channels) if isinstance(cfg, M.DiTConfig) else (77, cfg.context_dim)
+    z = torch.randn(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    c, u = torch.randn(batch, L, C), torch.randn(1, L, C)
+    if getattr(cfg, 'addition_embed', None):
+        px = cfg.sample_size * 8
+        added = M.sdxl_added(torch.randn(batch, cfg.pooled_dim), px, px)
+        return z, (c, added), (u, None, M.sdxl_added(torch.randn(1, cfg.pooled_dim), px, px))
+    return z, c, (u, None)
+
+
+@dataclass
+class StepPlan:
+    peak: int      # bytes, the step's high-water mark with every weight, gradient and optimizer state
+    static: int    # bytes still held after the step: weights, gradients, optimizer state (no activations)
+    flops: int     # one step's FLOPs
+    batch: int
+    student_params: int
+    grads_freed: bool = False  # the student's gradients are dropped after its update (not in `static`)
+    units: tuple = ()          # parameters of each unit train.py's --fsdp shards (train.fsdp_units)
+
+    def fsdp_gathered(self):
+        """Bytes FSDP holds unsharded on top of the shards (fp32): the root's own parameters (held
+        through the forward), two units (the one running and the one prefetched) and one unit's full
+        gradients before their reduce-scatter. Counted as if all were live at the step's peak: an
+        upper bound, since the peak may come in the LoRA update, when the student holds only its shards."""
+        root = self.student_params - sum(self.units)
+        return 4 * (root + 3 * max(self.units, default=0))
+
+    def peak_at(self, batch, shard_gpus=1):
+        """Peak bytes at another batch: the activations scale with it, the rest does not. With the
+        student sharded over shard_gpus (FSDP, an estimate), its fp32 weights and AdamW moments (12
+        bytes a parameter; 16 with the gradients when they are held after the step) shrink to their
+        share, and fsdp_gathered() is added."""
+        sharded = gathered = 0
+        if shard_gpus > 1:
+            sharded = (12 if self.grads_freed else 16) * self.student_params * (1 - 1 / shard_gpus)
+            gathered = self.fsdp_gathered()
+        return self.static - sharded + gathered + (self.peak - self.static) * batch / self.batch
+
+    def largest_batch(self, gib, shard_gpus=1):
+        per_image = (self.peak - self.static) / self.batch
+        room = HEADROOM * gib * 2 ** 30 - self.peak_at(0, shard_gpus)
+        return max(0, int(room // per_image))
+
+
+def trace_step(build, cfg, batch):
+    """One step (ours or the reference) on fake tensors: its StepPlan."""
+    with FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as mem:
+        setup, vae = build()
+        inputs = plan_inputs(cfg, batch)
+        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+            setup.step(*inputs, None)
+        del inputs
+        static = mem.live
+        units = tuple(sum(p.numel() for p in u.parameters()) for u in train.fsdp_units(setup.student))
+        return StepPlan(mem.peak, static, counter.get_total_flops(), batch,
+                        sum(p.numel() for p in setup.student.parameters()),
+                        isinstance(setup, OursPGSB) and setup.vsd.free_student_grads, units)
+
+
+def measured_peak(setup, inputs):
+    """The measured counterpart of trace_step on real CPU tensors: the high-water mark of the bytes the
+    CPU allocator hands out during one step (the profiler's memory events), plus those held before it."""
+    held = sum(t.untyped_storage().nbytes() for t in {id(x): x for x in tensors_of(setup, inputs)}.values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        setup.step(*inputs, None)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
+                    key=lambda e: e.start_ns())
+    level = top = 0
+    for e in events:
+        level += e.nbytes()
+        top = max(top, level)
+    return held + top
+
+
+def tensors_of(setup, inputs):
+    nets = [setup.student, setup.teacher] + ([setup.lora] if hasattr(setup, 'lora') else [])
+    out = [t for n in nets for t in list(n.parameters()) + list(n.buffers())]
+    return out + [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
+
+
+def generation_flops(cfg):
+    """FLOPs of one-step generation of one image, ours (student + VAE decoder) and diffusers'."""
+    out = []
+    for build_net, build_vae, run in (
+            (lambda: M.build(cfg), lambda: M.build(M.PRESETS['sd_vae']),
+             lambda net, vae, z, c, added: vae.decode(
+                 (net(z, torch.full((1,), 999), c) if added is None else
+                  net(z, torch.full((1,), 999), c, added=added))[:, :4])),
+            (lambda: diffusers_net(cfg), lambda: diffusers_net(M.PRESETS['sd_vae']),
+             lambda net, vae, z, c, added: vae.decode(ref_eps(net, z, torch.full((1,), 999), c, added)).sample)):
+        with torch.device('meta'):
+            net, vae = build_net().to(torch.bfloat16), build_vae().to(torch.bfloat16)
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+            net, vae = materialize(net), materialize(vae)
+            z, c, _ = plan_inputs(cfg, 1)
+            c, added = (c, None) if torch.is_tensor(c) else c
+            with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+                run(net, vae, z.bfloat16(), c.bfloat16(), None if added is None else added.bfloat16())
+        out.append(counter.get_total_flops())
+    return out
+
+
+def plan(batch, models=PLAN_MODELS, lever_model='sd21', log=print, vae=True):
+    """The plan's rows: per model, ours and the reference at the default levers and ours with FSDP; for
+    lever_model, ours with the levers off one at a time and all off; and one-step generation FLOPs.
+    vae: hold the frozen VAE beside the networks, as a training does."""
+    rows, gen = [], []
+    default = Levers()
+    for name in (m for m in models if m in M.PRESETS):
+        cfg = M.PRESETS[name]
+        start = time.time()
+        ours = trace_step(plan_ours(cfg, default, vae), cfg, batch)
+        ref = trace_step(plan_ref(cfg, default, vae), cfg, batch)
+        rows.append((name, str(default), ours, ref, 1))
+        rows.append((name, f'{default} + FSDP over {FSDP_GPUS} GPUs (estimate)', ours, None, FSDP_GPUS))
+        if name == lever_model:  # each lever off alone, then all of them
+            off = [Levers(**{k: False}) for k in Levers.NAMES] + [Levers(**{k: False for k in Levers.NAMES})]
+            for levers in off:
+                rows.append((name, str(levers), trace_step(plan_ours(cfg, levers, vae), cfg, batch), None, 1))
+        gen.append((name, *generation_flops(cfg)))
+        log(f'planned {name} in {time.time() - start:.0f} s')
+    return rows, gen
+
+
+def gib(nbytes):
+    return nbytes / 2 ** 30
+
+
+def plan_table(rows, gen):
+    out = ['', f'### Plan: one PG-SB step per GPU, bf16 autocast (fake tensors; fits = at most {HEADROOM:.0%} '
+               'of the GPU)', '',
+           '| model | levers | batch/GPU | ours peak | reference peak | ours/ref | ours TFLOP | ref TFLOP | '
+           'ours largest batch at ' + ' / '.join(f'{g}' for g in GPU_GB) + ' GB | reference\'s |',
+           '|---|---|---|---|---|---|---|---|---|---|']
+    for name, levers, ours, ref, shards in rows:
+        fits = ' / '.join(str(ours.largest_batch(g, shards)) for g in GPU_GB)
+        peak = gib(ours.peak_at(ours.batch, shards))
+        if ref is None:
+            out.append(f'| {name} | {levers} | {ours.batch} | {peak:.1f} GiB | — | — | {ours.flops / 1e12:.1f} | — '
+                       f'| {fits} | — |')
+            continue
+        ref_fits = ' / '.join(str(ref.largest_batch(g)) for g in GPU_GB)
+        out.append(f'| {name} | {levers} | {ours.batch} | {peak:.1f} GiB | {gib(ref.peak):.1f} GiB | '
+                   f'{ours.peak / ref.peak:.2f} | {ours.flops / 1e12:.1f} | {ref.flops / 1e12:.1f} | {fits} | {ref_fits} |')
+    floor = TFLOP_DENOISER + TFLOP_VAE_DECODER
+    out += ['', '### Plan: one-step generation, one image at the model\'s size (denoiser + VAE decoder)', '',
+            f'| model | ours TFLOP | diffusers TFLOP | ours/diffusers | reported floor (SD: {floor} TFLOP) |',
+            '|---|---|---|---|---|']
+    for name, ours, ref in gen:
+        f = f'{ours / 1e12 / floor:.2f} x' if name in ('sd15', 'sd21') else '—'  # the floor is SD's
+        out.append(f'| {name} | {ours / 1e12:.2f} | {ref / 1e12:.2f} | {ours / ref:.3f} | {f} |')
+    return '\n'.join(out)
+
+
+# -----------------------------------------------------------------------------
 
 
 @cli.script('bench.py')
@@ -664,6 +1008,11 @@ def main(argv=None):
     a('--figures', default='1,2,3,4', help='comma-separated figures to run (default: %(default)s)')
     a('--threads', type=int, help="torch CPU threads (default: torch's own setting, left as it is)")
     a('--json', metavar='OUT', help='also write the rows to this JSON file (default: none)')
+    a('--plan', action='store_true', help='instead of timing: peak memory and FLOPs of one PG-SB step per GPU at the '
+                                          'real sizes, ours and the reference, computed with fake tensors (default: off)')
+    a('--plan-models', default=','.join(PLAN_MODELS), help='comma-separated model.py presets to plan; those it '
+                                                           'lacks are left out (default: %(default)s)')
+    a('--plan-batch', type=int, default=16, help='images per GPU in the plan (default: %(default)s, the paper\'s 64 on 4 GPUs)')
     args = p.parse_args(argv)
     device = cli.device('--device', args.device)
     cli.number('--repeats', args.repeats, low=1)
@@ -674,8 +1023,16 @@ def main(argv=None):
         raise cli.UserError(f"--figures {args.figures}: pass comma-separated figure numbers from 1 to 4")
     if args.json:
         cli.writable_file('--json', args.json)
+    cli.number('--plan-batch', args.plan_batch, low=1)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.plan:
+        import diffusers
+        diffusers.utils.logging.set_verbosity_error()
+        start = time.time()
+        print(plan_table(*plan(args.plan_batch, args.plan_models.split(','))))
+        print(f'\nwall time {time.time() - start:.0f} s')
+        return
     if args.dtype == 'auto':
         dtype = torch.bfloat16 if device.type == 'cuda' else torch.float32
     else:

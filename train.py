@@ -63,6 +63,7 @@ class TrainConfig(vsd.VSDConfig):
     val_every: int = option(500, 'write a validation grid every N steps (0: off)')
     val_prompts: str = option('', "'|'-separated prompts for the validation grid ('' : the preset's)")
     resume: bool = option(False, 'continue from the latest checkpoint in --out')
+    fsdp: bool = option(False, "under torchrun: shard the student's weights, gradients and AdamW moments over the ranks with torch's FSDP (fully_shard, one unit per block: fsdp_units); the LoRA adapters stay replicated under DDP; checkpoints are gathered whole")
     seed: int = option(0, 'random seed')
     device: str = option('', "device ('' : cuda if available, else cpu)")
 
@@ -148,6 +149,11 @@ def check_config(cfg):
         cli.warn('train.py', f"--clip-weight {cfg.clip_weight} without --clip: no CLIP loss (pass --clip DIR for it)")
     if cfg.device:
         cli.device('--device', cfg.device)
+    if cfg.fsdp and cfg.ema > 0:
+        raise cli.UserError("--fsdp with --ema is not supported (the EMA would need the whole student on every rank): drop one")
+    if cfg.fsdp and cfg.resume:
+        raise cli.UserError("--resume with --fsdp is not supported yet (the checkpoint is whole, the optimizer sharded): "
+                            "resume without --fsdp")
 
 
 # -----------------------------------------------------------------------------
@@ -187,6 +193,31 @@ def ranks_agree(tensors, device):
     flag = torch.tensor(float(same), device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+FSDP_UNITS = ('resnets', 'transformer_blocks', 'downsamplers', 'upsamplers')
+
+
+def shard_student(student):
+    """The student sharded in place with torch's FSDP (fully_shard): each unit, then the rest."""
+    from torch.distributed.fsdp import fully_shard
+    for unit in fsdp_units(student):
+        fully_shard(unit)
+    fully_shard(student)
+    return student
+
+
+def whole(t):
+    """A tensor as a whole: an FSDP shard (DTensor) gathered from every rank (each rank must call it)."""
+    return t.full_tensor() if hasattr(t, 'full_tensor') else t
+
+
+def fsdp_units(net):
+    """The blocks --fsdp shards one by one (each gathered for its own forward and backward): every
+    ResNet block, transformer block, down- and upsampler; the rest (embeddings, the attention
+    projections, the input and output layers) is the root's."""
+    return [m for name, group in net.named_modules() if name.rsplit('.', 1)[-1] in FSDP_UNITS
+            and isinstance(group, torch.nn.ModuleList) for m in group]
 
 
 # -----------------------------------------------------------------------------
@@ -266,15 +297,18 @@ def load_optimizer(opt, tensors, groups, prefix):
     opt.load_state_dict({'state': state, 'param_groups': json.loads(groups)})
 
 
-def save_training_state(out, step, trained, opts, generator, keep):
-    """checkpoints/step-N/state.safetensors: trained weights, optimizer moments, RNG state, step."""
+def save_training_state(out, step, trained, opts, generator, keep, write=True):
+    """checkpoints/step-N/state.safetensors: trained weights, optimizer moments, RNG state, step. Under
+    FSDP every rank calls it (the shards are gathered whole) and only the one with write=True writes."""
     tensors, meta = {}, {'step': str(step)}
     for name, module in trained.items():
-        tensors.update({f'{name}.{k}': v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+        tensors.update({f'{name}.{k}': whole(v.detach()).cpu().contiguous() for k, v in module.state_dict().items()
                         if name != 'teacher' or 'lora_' in k})
     for name, opt in opts.items():
         t, meta[f'opt.{name}'] = optimizer_tensors(opt, f'opt.{name}')
-        tensors.update({k: v.cpu().contiguous() for k, v in t.items()})
+        tensors.update({k: whole(v).cpu().contiguous() for k, v in t.items()})
+    if not write:
+        return
     tensors['rng'] = generator.get_state()
     root = Path(out) / 'checkpoints'
     tmp = root / f'step-{step:07d}.tmp'
@@ -427,6 +461,14 @@ def teacher_pairs(teacher, schedule, ctx, ctx_mask, ctx_added, null, cfg, rank, 
     return pairs
 
 
+def whole_student(student, device):
+    """An unsharded copy of an FSDP student (every rank gathers it; rank 0 uses it)."""
+    state = {k: whole(v.detach()) for k, v in student.state_dict().items()}
+    plain = M.build(student.cfg).to(device)
+    plain.load_state_dict(state)
+    return plain
+
+
 def lr_factor(schedule, step, steps, warmup=None):
     """Multiplier of the base learning rate at a step: a linear warm-up over `warmup` steps (cosine's
     default: the first 2%), then 1 (constant) or a cosine decay to zero (cosine)."""
@@ -524,6 +566,8 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     if cfg.channels_last:  # 4-D weights in NHWC order: every convolution then runs channels-last
         for net in (student, teacher):
             net.to(memory_format=torch.channels_last)
+    if cfg.fsdp and ddp:  # before the optimizer: it holds the shards
+        shard_student(student)
     opts = {'student': torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, weight_decay=cfg.weight_decay),
             'lora': torch.optim.AdamW(lora_params, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)}
     trained = {'student': student, 'teacher': teacher}  # what a checkpoint holds (of the teacher: its adapters)
@@ -536,7 +580,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     step = 0
     if cfg.resume:
         step = load_training_state(out, trained, opts, generator)
-    student_ddp = DDP(student) if ddp else student
+    student_ddp = DDP(student) if ddp and not cfg.fsdp else student
     teacher_ddp = DDP(teacher) if ddp else teacher
     clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip and cfg.clip_weight > 0 else None
 
@@ -574,6 +618,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         return z, cond, [shard[i] for i in idx], negative, alpha
 
     # --- the loop: one PG-SB step (vsd.pgsb_step), then logging, validation grids, checkpoints
+    sharded = cfg.fsdp and ddp
     log = open(out / 'log.jsonl', 'a') if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc='PG-SB')
     while step < cfg.steps:
@@ -600,25 +645,28 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
                                       'sec': round(time.time() - t0, 3)}) + '\n')
                 log.flush()
                 bar.set_postfix({k: f'{v:.4f}' for k, v in info.items()})
-        if rank == 0 and cfg.val_every and step % cfg.val_every == 0:
-            (out / 'val').mkdir(parents=True, exist_ok=True)
-            student.eval()
-            validation_grid(ema or student, pipe, val_prompts, out / 'val' / f'step-{step:07d}.png', cfg.student_t)
-            student.train()
-        if rank == 0 and (step % cfg.save_every == 0 or step == cfg.steps):
-            save_training_state(out, step, trained, opts, generator, cfg.keep)
+        if cfg.val_every and step % cfg.val_every == 0 and (rank == 0 or sharded):
+            plain = whole_student(student, device) if sharded else (ema or student)  # every rank gathers
+            if rank == 0:
+                (out / 'val').mkdir(parents=True, exist_ok=True)
+                plain.eval()
+                validation_grid(plain, pipe, val_prompts, out / 'val' / f'step-{step:07d}.png', cfg.student_t)
+                plain.train()
+        if (rank == 0 or sharded) and (step % cfg.save_every == 0 or step == cfg.steps):
+            save_training_state(out, step, trained, opts, generator, cfg.keep, write=rank == 0)
         if ddp:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     bar.close()
 
     # --- the end: check that the ranks agree, write the student
     if ddp:
-        same = ranks_agree([v for m in trained.values() for v in m.state_dict().values()], device)
+        same = ranks_agree([whole(v) for m in trained.values() for v in m.state_dict().values()], device)
         if log:
             log.write(json.dumps({'step': step, 'ranks_identical': same}) + '\n')
             log.flush()
+    final = whole_student(student, device) if sharded else (ema or student)
     if rank == 0:
-        M.save_checkpoint(out / 'student', (ema or student).eval(), pipe.vae, pipe.schedule,
+        M.save_checkpoint(out / 'student', final.eval(), pipe.vae, pipe.schedule,
                           text_folder=cfg.teacher, student_t=cfg.student_t)
     if ddp:
         dist.destroy_process_group()

@@ -151,6 +151,8 @@ class VSDConfig:
     regression_pairs: int = option(512, 'teacher (noise, image) pairs drawn once per rank for the regression term')
     regression_steps: int = option(25, "DDIM steps of the teacher's pairs")
     regression_cfg: float = option(3.0, "guidance scale of the teacher's pairs")
+    lora_grad_checkpointing: bool = option(True, "recompute the teacher's activations in the LoRA teacher's backward pass (its frozen forwards keep none); the same numbers, less memory at the step's peak")
+    free_student_grads: bool = option(True, "drop the student's gradients once it has stepped, before the LoRA teacher's update (the next step makes new ones); the same numbers, less memory")
 
 
 RANDOM_KAPPA = {'both': (True, True), 'teacher': (True, False), 'lora': (False, True), 'none': (False, False)}
@@ -273,6 +275,18 @@ def optimizer_step(opt, loss, grad_clip):
     opt.step()
 
 
+@contextlib.contextmanager
+def checkpointing(net, on):
+    """`net` (or the module a DDP wrapper holds) with gradient checkpointing `on` for the block."""
+    net = getattr(net, 'module', net)
+    before = getattr(net, 'grad_checkpointing', False)
+    net.grad_checkpointing = on
+    try:
+        yield net
+    finally:
+        net.grad_checkpointing = before
+
+
 def unpack(batch):
     """(z, cond, prompts, nasa_t) of a draw(); nasa_t is (negative cond, alpha), or None without NASA-T."""
     z, cond, prompts, *nasa_t = batch
@@ -311,14 +325,16 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
             info.update(values)
             loss = loss + term
     optimizer_step(opts['student'], loss, grad_clip)
+    if cfg.free_student_grads:
+        opts['student'].zero_grad(set_to_none=True)
     for _ in range(cfg.lora_updates):
         if cfg.lora_fresh:
             z, cond, _, nasa_t = unpack(draw())
             with torch.no_grad(), autocast():
                 x0 = student_samples(student, schedule, z, cond, nasa_t, cfg.student_t)
-        with autocast():
+        with autocast(), checkpointing(teacher, cfg.lora_grad_checkpointing):
             lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
-        optimizer_step(opts['lora'], lora_loss, grad_clip)
+        optimizer_step(opts['lora'], lora_loss, grad_clip)  # checkpointed blocks recompute here
         info['lora'] = lora_loss.detach()
     return info, kappa
 

@@ -648,3 +648,28 @@ def test_nasa_t_lora_teacher_never_sees_a_negative_prompt():
     assert torch.equal(lora[0][3:], null[0].expand(3, -1, -1))  # its unconditional half: the null prompt
     dropped = [c for c in lora[1:] if (c == null[0]).all(-1).all(-1).any()]
     assert dropped  # the denoising loss's dropped prompts are the null prompt, not the negative
+
+
+@pytest.mark.parametrize('name', NETS)
+def test_memory_levers_leave_the_step_bit_identical(name, monkeypatch):
+    """The LoRA teacher's loss with the teacher checkpointed, and the student's gradients dropped before
+    it: the losses, the student and the adapters come out bit for bit as without; the checkpointing
+    does recompute the teacher's blocks (in the LoRA update only) and the gradients are gone."""
+    calls = []
+    real = M.checkpoint
+    monkeypatch.setattr(M, 'checkpoint', lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    on = run_step(name, None, 0.0, vsd.VSDConfig(lora_updates=2))
+    assert calls  # the teacher's blocks went through torch's checkpoint
+    calls.clear()
+    off = run_step(name, None, 0.0, vsd.VSDConfig(lora_updates=2, lora_grad_checkpointing=False,
+                                                  free_student_grads=False))
+    assert not calls
+    assert torch.equal(on[0]['vsd'], off[0]['vsd']) and torch.equal(on[0]['lora'], off[0]['lora'])
+    for a, b in zip(on[2] + on[3], off[2] + off[3]):
+        assert torch.equal(a, b)
+    student, teacher, opts = nasa_t_setup(name)
+    cond, null = texts(name, B=2)
+    draw = lambda: (torch.randn(2, 4, 16, 16), cond, ['a', 'b'])
+    vsd.pgsb_step(student, teacher, schedule('sd'), opts, draw, null, vsd.VSDConfig(), torch.Generator().manual_seed(1))
+    assert all(p.grad is None for p in student.parameters()) and not teacher.grad_checkpointing
+    assert any(p.grad is not None for p in opts['lora'].param_groups[0]['params'])
