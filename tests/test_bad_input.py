@@ -2,16 +2,13 @@
 on stderr (`SCRIPT: error: ...`) that names the problem, no traceback, and nothing written or changed.
 One table per script; the README's "Bad input" section lists the same classes."""
 import hashlib
-import json
-import os
 import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import bench
 import cli
@@ -20,7 +17,7 @@ import model as M
 import sample
 import shapes
 import train
-from conftest import PROMPTS, main_error
+from conftest import main_error
 
 
 def digest(folder):

@@ -92,27 +92,38 @@ def cross_layer(net):
     return next(m for name, m in layers.items() if 'attn2' in name)
 
 
-@pytest.mark.parametrize('name', NETS)
-@pytest.mark.parametrize('alpha', [0.3, 1.25])
-def test_one_layer_matches_hand_written_attention(name, alpha):
-    net = tiny(name)
-    attn = cross_layer(net)
+def layer_inputs(name, seed):
+    """A tiny net's first cross-attention layer and random inputs for it: image tokens x (2, 6, D),
+    positive and negative text states (2, 12, C); for the DiT each prompt its own padding (4/10
+    positive tokens, 7/2 negative ones)."""
+    attn = cross_layer(tiny(name))
     D, C = attn.to_q.in_features, attn.to_k.in_features
-    g = torch.Generator().manual_seed(7)
+    g = torch.Generator().manual_seed(seed)
     B, N, L = 2, 6, 12
     x = torch.randn(B, N, D, generator=g)
     pos, neg = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
-    masked = name == 'tiny_dit'
     pm = nm = None
-    if masked:  # each prompt its own padding: 4/10 positive tokens, 7/2 negative ones
+    if name == 'tiny_dit':
         pm, nm = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
         pm[0, :4], pm[1, :10], nm[0, :7], nm[1, :2] = True, True, True, True
+    return attn, x, pos, neg, pm, nm
+
+
+def ref_pair(attn, x, pos, neg, pm, nm):
+    """(Z+, Z-): the layer's attention to each prompt, in float64, before the output projection."""
+    q = linear64(attn.to_q, x)
+    return (ref_attention(q, linear64(attn.to_k, pos), linear64(attn.to_v, pos), attn.heads, pm),
+            ref_attention(q, linear64(attn.to_k, neg), linear64(attn.to_v, neg), attn.heads, nm))
+
+
+@pytest.mark.parametrize('name', NETS)
+@pytest.mark.parametrize('alpha', [0.3, 1.25])
+def test_one_layer_matches_hand_written_attention(name, alpha):
+    attn, x, pos, neg, pm, nm = layer_inputs(name, seed=7)
     attn.processor = nasa.NASA(alpha)
     with torch.no_grad():
         out = attn(x, *nasa.pair(pos, neg, pm, nm))
-    q = linear64(attn.to_q, x)
-    z_pos = ref_attention(q, linear64(attn.to_k, pos), linear64(attn.to_v, pos), attn.heads, pm)
-    z_neg = ref_attention(q, linear64(attn.to_k, neg), linear64(attn.to_v, neg), attn.heads, nm)
+    z_pos, z_neg = ref_pair(attn, x, pos, neg, pm, nm)
     expected = linear64(attn.to_out, z_pos - alpha * z_neg)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
     # and it is not plain attention to the positive prompt
@@ -315,20 +326,8 @@ def test_generate_with_nag_scale_one_equals_plain_sampling(unet_teacher):
 def test_nag_one_layer_matches_the_formula_by_hand(name, scale, alpha):
     """to_out(alpha g' + (1 - alpha) Z+), g = s Z+ - (s - 1) Z-, g' = g min(r, tau) / r with
     r = ||g||_1 / ||Z+||_1 per token; tau between the tokens' ratios, so some are clipped and some not."""
-    net = tiny(name)
-    attn = cross_layer(net)
-    D, C = attn.to_q.in_features, attn.to_k.in_features
-    g = torch.Generator().manual_seed(9)
-    B, N, L = 2, 6, 12
-    x = torch.randn(B, N, D, generator=g)
-    pos, neg = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
-    pm = nm = None
-    if name == 'tiny_dit':
-        pm, nm = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
-        pm[0, :4], pm[1, :10], nm[0, :7], nm[1, :2] = True, True, True, True
-    q = linear64(attn.to_q, x)
-    z_pos = ref_attention(q, linear64(attn.to_k, pos), linear64(attn.to_v, pos), attn.heads, pm)
-    z_neg = ref_attention(q, linear64(attn.to_k, neg), linear64(attn.to_v, neg), attn.heads, nm)
+    attn, x, pos, neg, pm, nm = layer_inputs(name, seed=9)
+    z_pos, z_neg = ref_pair(attn, x, pos, neg, pm, nm)
     guided = scale * z_pos - (scale - 1) * z_neg
     r = guided.abs().sum(-1, keepdim=True) / z_pos.abs().sum(-1, keepdim=True)
     tau = r.median().item()

@@ -1,6 +1,5 @@
 """sample.py: PNGs from tiny random checkpoints (UNet + CLIP, DiT + T5, a diffusers folder), DDIM
 with guidance against a hand-written loop, and one-line errors for bad input."""
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,8 +1,6 @@
 """The PG-SB objective (vsd.py): LoRA teacher, random guidance scale, one-step student, VSD gradient
 and the LoRA teacher's denoising loss. Schedules are checked against diffusers' schedulers."""
-import copy
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -339,6 +337,16 @@ def test_different_kappas_give_a_gradient_even_with_a_fresh_lora():
     assert loss.item() > 0 and sum(torch.count_nonzero(g) for g in grads if g is not None) > 0
 
 
+def replay_draws(cfg, s, x0, seed):
+    """vsd_loss's draws replayed from its generator's seed: t, kappa, alphas_cumprod[t] and x_t."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(cfg.t_min, cfg.t_max + 1, (len(x0),), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    k, _ = vsd.draw_kappa(cfg, len(x0), 'cpu', g)
+    ac = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    return t, k, ac, ac.sqrt() * x0.detach() + (1 - ac).sqrt() * eps
+
+
 def cfg_eps(net, x_t, t, c, u, kappa):
     """Classifier-free guidance from two separate plain forwards (epsilon networks)."""
     eps_c = net(x_t, t, c)[:, :4]
@@ -359,13 +367,8 @@ def test_vsd_gradient_is_weighted_teacher_minus_lora(weight):
     loss, kappa = vsd.vsd_loss(teacher, s, x0, cond, null, cfg, torch.Generator().manual_seed(6))
     loss.backward()
 
-    g = torch.Generator().manual_seed(6)  # replay the draws: t, eps, kappa
-    t = torch.randint(cfg.t_min, cfg.t_max + 1, (2,), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    k, _ = vsd.draw_kappa(cfg, 2, 'cpu', g)
+    t, k, ac, x_t = replay_draws(cfg, s, x0, seed=6)
     assert torch.equal(k, kappa)
-    ac = s.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = ac.sqrt() * x0.detach() + (1 - ac).sqrt() * eps
     with torch.no_grad():
         with vsd.lora_disabled(teacher):
             eps_teacher = cfg_eps(teacher, x_t, t, c, u, k)
@@ -590,13 +593,8 @@ def test_nasa_t_frozen_teacher_puts_the_negative_in_the_unconditional_slot():
     loss, kappa = vsd.vsd_loss(teacher, s, x0, cond, null, cfg, torch.Generator().manual_seed(6), negative=(neg, None))
     loss.backward()
 
-    g = torch.Generator().manual_seed(6)  # replay the draws: t, eps, kappa
-    t = torch.randint(cfg.t_min, cfg.t_max + 1, (2,), generator=g)
-    eps = torch.randn(x0.shape, generator=g)
-    k, _ = vsd.draw_kappa(cfg, 2, 'cpu', g)
+    t, k, ac, x_t = replay_draws(cfg, s, x0, seed=6)
     assert torch.equal(k, kappa)
-    ac = s.alphas_cumprod[t].view(-1, 1, 1, 1)
-    x_t = ac.sqrt() * x0.detach() + (1 - ac).sqrt() * eps
     kk = k.view(-1, 1, 1, 1)
     with torch.no_grad():
         with vsd.lora_disabled(teacher):
