@@ -7,7 +7,8 @@ and applied to both the frozen teacher and the LoRA teacher.
 One step, per batch of text states c (and the null prompt's c0):
   1. student:       z ~ N(0, I) at the start timestep  ->  x0 = (z - sigma_T eps_hat) / alpha_T
   2. VSD:           x_t = alpha_t x0 + sigma_t eps,  t ~ U{t_min..t_max}
-                    grad = sigma_t^2 (eps_teacher^kappa - eps_lora^kappa)
+                    grad = sigma_t^2 (eps_teacher^kappa - eps_lora^kappa)   (or DMD's normalised
+                    x0 difference, vsd_weight='dmd'; plus DMD's regression term, in train.py)
                     loss = 0.5 mse(x0, sg(x0 - grad))             -> the student only
   3. LoRA teacher:  denoising loss on sg(x0) at t ~ U{0..T-1}       -> the LoRA adapters only
      (denoising_loss, on the network's own output, eps or v; the same function trains a teacher
