@@ -45,9 +45,6 @@ class ConversionError(cli.UserError):
     """A source we cannot convert. The message is one line that says why."""
 
 
-one_line = cli.one_line
-
-
 def read_tensors(path):
     """Every tensor in a .safetensors file, a sharded *.index.json, or a .bin/.ckpt/.pth. Pickles are
     read with weights_only=True: one that would run code is refused, never executed."""
@@ -74,7 +71,7 @@ def read_tensors(path):
                               f"{': ' + why.group(1) if why else ''}") from None
     except Exception as e:
         raise ConversionError(f"{path} is not a readable torch checkpoint (truncated?): "
-                              f"{type(e).__name__}: {one_line(e)}") from None
+                              f"{type(e).__name__}: {cli.one_line(e)}") from None
     if isinstance(obj, dict) and isinstance(obj.get('state_dict'), dict):  # .ckpt and .pth files wrap their weights
         obj = obj['state_dict']
     if not isinstance(obj, dict):
@@ -91,7 +88,7 @@ def read_json(path):
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
-        raise ConversionError(f"cannot read {path}: {one_line(e)}") from None
+        raise ConversionError(f"cannot read {path}: {cli.one_line(e)}") from None
 
 
 # What a file whose keys contain the fragment looks like, and the --from that reads it.
@@ -419,7 +416,7 @@ def ours_parts(folder):
         try:
             cfg = model.config_from_metadata(folder / file)
         except Exception as e:  # not a safetensors file, or one with no config in its metadata
-            raise ConversionError(one_line(e)) from None
+            raise ConversionError(cli.one_line(e)) from None
         return load_strict(cfg, read_tensors(folder / file), folder / file)
     vae = read('vae.safetensors') if (folder / 'vae.safetensors').is_file() else model.PixelSpace()
     sched, start_t, noise = model.read_schedule(folder)
@@ -527,7 +524,7 @@ def infer_unet_config(sd, source, pooled_dim=None):
             heads=(8,) * levels if context == 768 else tuple(max(c // 64, 1) for c in channels),
             layers_per_block=L, context_dim=context, linear_proj=proj_in.ndim == 2)
     except (KeyError, StopIteration, ValueError) as e:
-        raise ConversionError(f"{source}: cannot read the UNet's architecture off its shapes ({one_line(e)}): "
+        raise ConversionError(f"{source}: cannot read the UNet's architecture off its shapes ({cli.one_line(e)}): "
                               "pass --preset") from None
 
 
@@ -540,7 +537,7 @@ def infer_vae_config(sd, source):
             channels=tuple(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] for i in range(levels)),
             layers_per_block=1 + max(int(k.split('.')[4]) for k in sd if k.startswith('encoder.down.0.block.')))
     except (KeyError, ValueError) as e:
-        raise ConversionError(f"{source}: cannot read the VAE's architecture off its shapes ({one_line(e)})") \
+        raise ConversionError(f"{source}: cannot read the VAE's architecture off its shapes ({cli.one_line(e)})") \
             from None
 
 
@@ -604,7 +601,7 @@ def text_folder(text_dir, stage, weights=None, source=None, suffix=''):
         try:
             _, info = cls.from_pretrained(dest, output_loading_info=True)
         except RuntimeError as e:  # shape mismatches
-            raise ConversionError(f"{source}: its text encoder does not fit {enc}: {one_line(e)}") from None
+            raise ConversionError(f"{source}: its text encoder does not fit {enc}: {cli.one_line(e)}") from None
         if info['missing_keys'] or info['unexpected_keys']:
             raise ConversionError(f"{source}: its text encoder does not fit {enc}: "
                                   f"{key_report(sorted(info['missing_keys']), sorted(info['unexpected_keys']))}")
@@ -798,7 +795,7 @@ def infer_dit_config(sd, source):
             patch_size=p, caption_channels=sd['y_embedder.y_proj.fc1.weight'].shape[1], sample_size=size,
             interpolation_scale=float(max(size // 64, 1)), size_conditioning=size_cond)
     except (KeyError, ValueError) as e:
-        raise ConversionError(f"{source}: cannot read the DiT's architecture off its shapes ({one_line(e)}): "
+        raise ConversionError(f"{source}: cannot read the DiT's architecture off its shapes ({cli.one_line(e)}): "
                               "pass --preset") from None
 
 
