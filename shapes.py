@@ -45,6 +45,10 @@ CAPTION_PROBS = (0.7, 0.1, 0.1, 0.1)
 # The four (prompt, negative prompt) pairs of the negative-prompt check (paper Table 7 protocol).
 NEGATIVE_PAIRS = (("a circle", "red"), ("a square", "blue"),
                   ("a red shape", "circle"), ("a blue shape", "square"))
+# The guidance sweep's eight pairs (`shapes.py sweep`): those four and four more, half of them removing
+# a colour from a shape prompt, half a shape from a colour prompt.
+SWEEP_PAIRS = NEGATIVE_PAIRS + (("a triangle", "green"), ("a circle", "yellow"),
+                                ("a green shape", "triangle"), ("a yellow shape", "circle"))
 
 # -----------------------------------------------------------------------------
 # Drawing the world
@@ -459,6 +463,29 @@ def _negative_row(generate, prompt, negative, n, seed, nasa_scale):
             "accuracy_without": accuracy_without, "accuracy_with": accuracy_with}
 
 
+def negative_sweep(generate, scales, n=64, seed=0, pairs=SWEEP_PAIRS):
+    """Negative-prompt success against positive accuracy along one method's scale. For each scale,
+    n images per pair, pair i at seed + i whatever the scale, so two scales differ only by the scale;
+    per scale the mean and the minimum success over the pairs and the mean positive accuracy."""
+    rows = []
+    for scale in scales:
+        per = [negative_success(generate([p] * n, [neg] * n, scale, seed + i), p, neg)
+               for i, (p, neg) in enumerate(pairs)]
+        success, accuracy = np.array(per, float).T
+        rows.append({"scale": scale, "success": float(np.nanmean(success)), "min_success": float(np.nanmin(success)),
+                     "accuracy": float(accuracy.mean()), "min_accuracy": float(accuracy.min()),
+                     "pairs": [{"prompt": p, "negative": neg, "success": s_, "accuracy": a}
+                               for (p, neg), (s_, a) in zip(pairs, per)]})
+    return rows
+
+
+def format_sweep(rows, method):
+    lines = [f"| {method} scale | mean success | min success | mean accuracy | min accuracy |", "|---|---|---|---|---|"]
+    lines += [f"| {r['scale']:g} | {_fmt(r['success'])} | {_fmt(r['min_success'])} | {_fmt(r['accuracy'])} "
+              f"| {_fmt(r['min_accuracy'])} |" for r in rows]
+    return "\n".join(lines)
+
+
 def _fmt(value):
     """A score with three decimals; "n/a" for a missing model or an undefined rate."""
     return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
@@ -710,9 +737,10 @@ def save_grid(images, path, scale=4):
                                  Image.NEAREST).save(path)
 
 
-def pipe_sampler(pipe, steps=1, cfg=1.0, layers=None):
+def pipe_sampler(pipe, steps=1, cfg=1.0, layers=None, nag=None):
     """A generate callable for evaluate() from a loaded model.Pipeline, through sample.py; `layers`
-    restricts NASA to some cross-attention layers (as sample.py --nasa-layers)."""
+    restricts NASA to some cross-attention layers (as sample.py --nasa-layers). nag: (tau, alpha) to
+    steer with NAG in place of NASA, the callable's scale then being NAG's (1: off)."""
     import sample
 
     def generate(prompts, negative_prompts, nasa_scale, seed):
@@ -720,16 +748,17 @@ def pipe_sampler(pipe, steps=1, cfg=1.0, layers=None):
         if negative_prompts:
             assert len(set(negative_prompts)) == 1, "one negative prompt per call"
             negative = negative_prompts[0]
+        steer = nasa.NAG(nasa_scale, *nag) if nag is not None and negative is not None else None
         images = sample.generate(pipe, prompts, negative, nasa_scale, seed=seed, steps=steps, cfg=cfg,
-                                 layers=layers)
+                                 layers=layers, nag=steer)
         return sample.to_uint8(images)
     return generate
 
 
-def sampler(checkpoint, steps=1, cfg=1.0, layers=None):
+def sampler(checkpoint, steps=1, cfg=1.0, layers=None, nag=None):
     """pipe_sampler of a checkpoint folder (read by sample.load)."""
     import sample
-    return pipe_sampler(sample.load(checkpoint), steps, cfg, layers)
+    return pipe_sampler(sample.load(checkpoint), steps, cfg, layers, nag)
 
 
 def run_students(run, last=False):
@@ -975,6 +1004,17 @@ def main(argv=None):
                          "per negative-prompt pair")
     ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
     ev.add_argument("--json", default="", help="also write the results to this JSON file")
+    sw = command("sweep", "negative-prompt success against positive accuracy of a one-step student, along "
+                           "NASA's or NAG's scale, on eight pairs (shapes.SWEEP_PAIRS)")
+    sw.add_argument("student", help="one-step student checkpoint")
+    sw.add_argument("--guidance", default="nasa", choices=["nasa", "nag"], help="the negative guidance swept")
+    sw.add_argument("--scales", default="", help="comma-separated scales ('': NASA 0,0.1,0.2,0.3,0.5,0.8; "
+                                                "NAG 1,1.5,2,3,5,8; the first is off in both)")
+    sw.add_argument("--nag-tau", type=float, default=2.5, help="NAG's bound on the norm ratio")
+    sw.add_argument("--nag-alpha", type=float, default=0.375, help="NAG's blend with the positive features")
+    sw.add_argument("--n", type=int, default=64, help="images per pair and scale")
+    sw.add_argument("--seed", type=int, default=0, help="seed of the sweep (pair i at seed + i)")
+    sw.add_argument("--json", default="", help="also write the rows to this JSON file")
     cur = command("curve", "prompt accuracy, Frechet distance and diversity of the students of train.py runs "
                            "(Figure 2), against the teacher's")
     cur.add_argument("runs", nargs="+", help="train.py output folders (their checkpoints/, else their student/), "
@@ -1002,6 +1042,11 @@ def main(argv=None):
                            nasa_scale=args.nasa_scale)
         print(format_report(results))
         _write_json(args.json, results)
+    elif args.command == "sweep":
+        nag = (args.nag_tau, args.nag_alpha) if args.guidance == "nag" else None
+        rows = negative_sweep(sampler(args.student, nag=nag), args.scales, args.n, args.seed)
+        print(format_sweep(rows, args.guidance))
+        _write_json(args.json, rows)
     elif args.command == "train-clip":
         acc = train_clip(args.out, args.steps, args.batch_size, args.lr, args.seed, args.text_encoder)
         print(f"wrote {args.out}; zero-shot accuracy on 512 real images: colour {acc['colour']:.3f}, "
@@ -1045,6 +1090,23 @@ def check_args(args):
             cli.writable_file("--json", args.json)
     if args.command == "evaluate":
         cli.number("--nasa-scale", args.nasa_scale, low=0)
+    if args.command == "sweep":
+        cli.number("--n", args.n, low=1)
+        if not Path(args.student).exists():
+            raise cli.UserError(f"the student {args.student} not found (pass a checkpoint folder)")
+        default = "0,0.1,0.2,0.3,0.5,0.8" if args.guidance == "nasa" else "1,1.5,2,3,5,8"
+        try:
+            args.scales = [float(v) for v in (args.scales or default).split(",")]
+        except ValueError:
+            raise cli.UserError(f"--scales {args.scales!r} must be comma-separated numbers (e.g. 0,0.2,0.5)") from None
+        for v in args.scales:
+            cli.number("--scales", v, low=1 if args.guidance == "nag" else 0,
+                       fix="NAG's scale is 1 when off" if args.guidance == "nag" else "")
+        if args.guidance == "nag":
+            cli.number("--nag-tau", args.nag_tau, low=0, low_open=True)
+            cli.number("--nag-alpha", args.nag_alpha, low=0, high=1)
+        if args.json:
+            cli.writable_file("--json", args.json)
     if args.command == "curve":
         for run in args.runs:
             run_students(run, args.last)

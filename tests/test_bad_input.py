@@ -263,6 +263,11 @@ def test_shapes_bad_input(tmp_path):
         (['make-text-encoder', tmp_path / 'te', '--hidden-size', 6], '--hidden-size', 'multiple of'),
         (['show', tmp_path / 'grid'], 'OUT', 'does not end in an image format'),
         (['prompts', tmp_path / 'a_file' / 'p.txt'], 'OUT', 'is a file, not a folder'),
+        (['sweep', tmp_path / 'nowhere'], 'the student', 'not found'),
+        (['sweep', 'checkpoints/shapes_student', '--scales', '0,x'], '--scales', 'comma-separated numbers'),
+        (['sweep', 'checkpoints/shapes_student', '--guidance', 'nag', '--scales', '0.5'], '--scales',
+         "must be at least 1, got 0.5 (NAG's scale is 1 when off)"),
+        (['sweep', 'checkpoints/shapes_student', '--guidance', 'nag', '--nag-tau', 0], '--nag-tau', 'must be above 0'),
     ]
     for args, names, expected in cases:
         line = main_error(shapes.main, *args)

@@ -220,6 +220,26 @@ def test_evaluate_ideal_generator():
     assert [(c[0][0], c[1][0]) for c in negative_calls] == list(shapes.NEGATIVE_PAIRS)
 
 
+def test_negative_sweep_scores_each_scale_on_the_same_seeds():
+    calls = []
+
+    def spy(prompts, negative_prompts, nasa_scale, seed):
+        calls.append((prompts[0], negative_prompts[0], nasa_scale, seed, len(prompts)))
+        return ideal_generator(prompts, negative_prompts, nasa_scale, seed)
+
+    rows = shapes.negative_sweep(spy, [0.0, 0.5], n=48, seed=7)
+    assert len(shapes.SWEEP_PAIRS) == 8 and set(shapes.NEGATIVE_PAIRS) < set(shapes.SWEEP_PAIRS)
+    # pair i at seed + i at every scale, so two rows differ only by the scale
+    expected = [(p, neg, scale, 7 + i, 48) for scale in (0.0, 0.5) for i, (p, neg) in enumerate(shapes.SWEEP_PAIRS)]
+    assert calls == expected
+    off, on = rows
+    assert on["success"] == on["min_success"] == 1.0 and on["accuracy"] == off["accuracy"] == 1.0
+    assert 0.5 < off["success"] < 0.95 and off["min_success"] < off["success"]  # chance: 5/6 or 2/3
+    assert [(r["prompt"], r["negative"]) for r in on["pairs"]] == list(shapes.SWEEP_PAIRS)
+    table = shapes.format_sweep(rows, "nasa")
+    assert "| 0.5 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
+
+
 def test_evaluate_red_circle_generator():
     results = shapes.evaluate(None, red_circle_generator, n=144, seed=0)
     assert results["teacher"] is None
