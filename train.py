@@ -152,9 +152,6 @@ def check_config(cfg):
         cli.device('--device', cfg.device)
     if cfg.fsdp and cfg.ema > 0:
         raise cli.UserError("--fsdp with --ema is not supported (the EMA would need the whole student on every rank): drop one")
-    if cfg.fsdp and cfg.resume:
-        raise cli.UserError("--resume with --fsdp is not supported yet (the checkpoint is whole, the optimizer sharded): "
-                            "resume without --fsdp")
 
 
 # -----------------------------------------------------------------------------
@@ -206,6 +203,36 @@ def shard_student(student):
         fully_shard(unit)
     fully_shard(student)
     return student
+
+
+class UnitInputs(torch.autograd.Function):
+    """The identity on a unit's inputs, one autograd node for all of them, as fully_shard puts on each
+    unit it shards (see unit_boundaries)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        return inputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+def unit_boundaries(student):
+    """The student's FSDP units (fsdp_units) made autograd boundaries as fully_shard makes them, for DDP:
+    the gradient of an input a unit uses twice (a ResNet block's: its norm and its shortcut) is then
+    summed inside the unit before a use outside it (a skip connection) is added, as under --fsdp, so
+    the two sum every gradient in the same order and train the same weights to the bit."""
+    def pre_forward(unit, args):
+        wanted = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+        if not wanted or not torch.is_grad_enabled():
+            return None
+        args = list(args)
+        for i, a in zip(wanted, UnitInputs.apply(*(args[i] for i in wanted))):
+            args[i] = a
+        return tuple(args)
+    for unit in fsdp_units(student):
+        unit.register_forward_pre_hook(pre_forward)
 
 
 def whole(t):
@@ -289,28 +316,50 @@ def optimizer_tensors(opt, prefix):
     return tensors, json.dumps(sd['param_groups'])
 
 
+def shard_like(held, whole_tensor):
+    """A whole tensor as `held` (a parameter or its state) holds it: under FSDP this rank's shard of it
+    (a DTensor placed as `held`), cut from the whole every rank has read; otherwise as it is."""
+    if hasattr(held, 'device_mesh') and whole_tensor.shape == held.shape:
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(whole_tensor.to(held.device), held.device_mesh, held.placements, src_data_rank=None)
+    return whole_tensor
+
+
 def load_optimizer(opt, tensors, groups, prefix):
+    params = [p for g in opt.param_groups for p in g['params']]
     state = {}
     for key, v in tensors.items():
         if key.startswith(prefix + '.'):
             pid, k = key[len(prefix) + 1:].split('.', 1)  # the prefix itself holds a dot
-            state.setdefault(int(pid), {})[k] = v
+            state.setdefault(int(pid), {})[k] = shard_like(params[int(pid)], v)
     opt.load_state_dict({'state': state, 'param_groups': json.loads(groups)})
 
 
-def save_training_state(out, step, trained, opts, generator, keep, write=True):
-    """checkpoints/step-N/state.safetensors: trained weights, optimizer moments, RNG state, step. Under
-    FSDP every rank calls it (the shards are gathered whole) and only the one with write=True writes."""
-    tensors, meta = {}, {'step': str(step)}
+def save_training_state(out, step, trained, opts, generator, keep, rank=0, world=1):
+    """checkpoints/step-N/state.safetensors: trained weights, optimizer moments, every rank's random
+    state, step. Under torchrun every rank calls it: an FSDP student's shards are gathered whole, each
+    rank's random state is sent to rank 0, and rank 0 writes."""
+    tensors, meta = {}, {'step': str(step), 'ranks': str(world)}
+
+    def put(key, v):
+        v = whole(v.detach())  # an FSDP shard: every rank takes part in gathering it
+        if rank == 0:
+            tensors[key] = v.cpu().contiguous()
     for name, module in trained.items():
-        tensors.update({f'{name}.{k}': whole(v.detach()).cpu().contiguous() for k, v in module.state_dict().items()
-                        if name != 'teacher' or 'lora_' in k})
+        for k, v in module.state_dict().items():
+            if name != 'teacher' or 'lora_' in k:
+                put(f'{name}.{k}', v)
     for name, opt in opts.items():
         t, meta[f'opt.{name}'] = optimizer_tensors(opt, f'opt.{name}')
-        tensors.update({k: whole(v).cpu().contiguous() for k, v in t.items()})
-    if not write:
+        for k, v in t.items():
+            put(k, v)
+    rngs = [generator.get_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, generator.get_state())
+    if rank != 0:
         return
-    tensors['rng'] = generator.get_state()
+    tensors.update({rng_key(r): state for r, state in enumerate(rngs)})
     root = Path(out) / 'checkpoints'
     tmp = root / f'step-{step:07d}.tmp'
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed here before
@@ -319,6 +368,10 @@ def save_training_state(out, step, trained, opts, generator, keep, write=True):
     M.swap_into_place(tmp, root / f'step-{step:07d}')  # a crash before this leaves the older ones intact
     for old in sorted(root.glob('step-???????'))[:-keep]:
         shutil.rmtree(old)
+
+
+def rng_key(rank):
+    return 'rng' if rank == 0 else f'rng.{rank}'
 
 
 def read_training_state(path, trained, opts):
@@ -333,13 +386,16 @@ def read_training_state(path, trained, opts):
             diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
             raise M.CheckpointError(f"{path} does not hold this run's {name} ({diff[0]} differs): it was written by "
                                     "a run with other settings")
-    if 'step' not in meta or 'rng' not in tensors or any(f'opt.{name}' not in meta for name in opts):
+    ranks = int(meta.get('ranks', 1))
+    if 'step' not in meta or any(rng_key(r) not in tensors for r in range(ranks)) or \
+            any(f'opt.{name}' not in meta for name in opts):
         raise M.CheckpointError(f"{path} lacks the step, the random state or an optimizer: it is not a training checkpoint")
     return tensors, meta
 
 
-def load_training_state(out, trained, opts, generator, script='train.py'):
-    """Resume from the newest checkpoint in out/checkpoints that reads whole, saying which it passed over."""
+def load_training_state(out, trained, opts, generator, script='train.py', rank=0, world=1):
+    """Resume from the newest checkpoint in out/checkpoints that reads whole, saying which it passed over.
+    Every rank reads it whole; under FSDP each keeps its shards."""
     root = Path(out) / 'checkpoints'
     ckpts = sorted(root.glob('step-???????'))
     if not ckpts:
@@ -350,12 +406,18 @@ def load_training_state(out, trained, opts, generator, script='train.py'):
         except M.CheckpointError as e:
             cli.warn(script, f"passing over {ckpt.name}: {cli.one_line(e)}")
             continue
+        ranks = int(meta.get('ranks', 1))
+        if ranks != world:  # each rank has its own prompts and random state
+            raise cli.UserError(f"--resume: {ckpt} was written by a training on {ranks} rank(s), this one runs on "
+                                f"{world} (resume it on {ranks})")
         for name, module in trained.items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + '.')},
+            held = module.state_dict()
+            module.load_state_dict({k[len(name) + 1:]: shard_like(held[k[len(name) + 1:]], v) for k, v in tensors.items()
+                                    if k.startswith(name + '.')},
                                    strict=name != 'teacher')  # the teacher's base weights come from --teacher
         for name, opt in opts.items():
             load_optimizer(opt, tensors, meta[f'opt.{name}'], f'opt.{name}')
-        generator.set_state(tensors['rng'])
+        generator.set_state(tensors[rng_key(rank)])
         if ckpt != ckpts[-1]:
             cli.warn(script, f"resuming from {ckpt}, the newest checkpoint that reads whole")
         return int(meta['step'])
@@ -567,8 +629,11 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     if cfg.channels_last:  # 4-D weights in NHWC order: every convolution then runs channels-last
         for net in (student, teacher):
             net.to(memory_format=torch.channels_last)
-    if cfg.fsdp and ddp:  # before the optimizer: it holds the shards
+    sharded = cfg.fsdp and ddp
+    if sharded:  # before the optimizer: it holds the shards
         shard_student(student)
+    elif ddp:
+        unit_boundaries(student)
     opts = {'student': torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, weight_decay=cfg.weight_decay),
             'lora': torch.optim.AdamW(lora_params, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)}
     trained = {'student': student, 'teacher': teacher}  # what a checkpoint holds (of the teacher: its adapters)
@@ -580,7 +645,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     step = 0
     if cfg.resume:
-        step = load_training_state(out, trained, opts, generator)
+        step = load_training_state(out, trained, opts, generator, rank=rank, world=world)
     student_ddp = DDP(student) if ddp and not cfg.fsdp else student
     teacher_ddp = DDP(teacher) if ddp else teacher
     clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip and cfg.clip_weight > 0 else None
@@ -619,7 +684,6 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         return z, cond, [shard[i] for i in idx], negative, alpha
 
     # --- the loop: one PG-SB step (vsd.pgsb_step), then logging, validation grids, checkpoints
-    sharded = cfg.fsdp and ddp
     log = open(out / 'log.jsonl', 'a') if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc='PG-SB')
     while step < cfg.steps:
@@ -653,8 +717,8 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
                 plain.eval()
                 validation_grid(plain, pipe, val_prompts, out / 'val' / f'step-{step:07d}.png', cfg.student_t)
                 plain.train()
-        if (rank == 0 or sharded) and (step % cfg.save_every == 0 or step == cfg.steps):
-            save_training_state(out, step, trained, opts, generator, cfg.keep, write=rank == 0)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_training_state(out, step, trained, opts, generator, cfg.keep, rank, world)
         if ddp:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     bar.close()
