@@ -679,7 +679,8 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     step = 0
     if cfg.resume:
         step = load_training_state(out, trained, opts, generator, rank=rank, world=world)
-    student_ddp = DDP(student) if ddp and not cfg.fsdp else student
+    # DDP's buckets hold the gradients (4 bytes a parameter) for the whole run: the gradients are views into them
+    student_ddp = DDP(student, gradient_as_bucket_view=True) if ddp and not cfg.fsdp else student
     teacher_ddp = DDP(teacher) if ddp else teacher
     clip_loss = None
     if cfg.clip and cfg.clip_weight > 0:
