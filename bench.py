@@ -419,22 +419,26 @@ def autocast(device, bf16=None):
 class OursPGSB:
     """Our step, as train.py runs it: vsd.pgsb_step, one teacher whose LoRA adapters are switched off
     for the frozen pass, cond/uncond batched. The LoRA teacher's loss is SwiftBrush's alpha_t-weighted
-    eps error, as in the reference. Frozen base weights in `frozen_dtype`; the student and the
-    adapters train in fp32 (bf16 autocast on GPU, or wherever `bf16` asks for it)."""
+    eps error, as in the reference. Frozen base weights held as train.py holds them when `frozen_dtype`
+    is bf16 (train.hold_bf16); the student and the adapters train in fp32 (bf16 autocast on GPU, or wherever `bf16` asks for it). AdamW as train.py
+    builds it (train.adamw: fused on CUDA), with `adam`'s options on top."""
 
-    def __init__(self, student, teacher, schedule, device, bf16=None, foreach=None, **levers):
+    def __init__(self, student, teacher, schedule, device, bf16=None, adam=None, **levers):
         self.device, self.student, self.teacher, self.schedule = device, student.train(), teacher, schedule
         self.bf16 = device.type == 'cuda' if bf16 is None else bf16
         self.vsd = vsd.VSDConfig(lora_loss='swiftbrush', **levers)  # levers: vsd's memory options
         lora_params = [p for n, p in teacher.named_parameters() if '.lora_' in n]
-        self.opts = {'student': torch.optim.AdamW(self.student.parameters(), lr=1e-6, foreach=foreach),
-                     'lora': torch.optim.AdamW(lora_params, lr=1e-3, foreach=foreach)}
+        adam = adam or {}
+        self.opts = {'student': train.adamw(self.student.parameters(), device, lr=1e-6, **adam),
+                     'lora': train.adamw(lora_params, device, lr=1e-3, **adam)}
 
     @classmethod
     def from_state(cls, state, lora_state, cfg, device, frozen_dtype, opt=None):
         """From a diffusers state dict; opt's levers (gradient checkpointing, channels-last) applied."""
         student = ours_from_state(state, cfg).to(device)
-        teacher = ours_from_state(state, cfg).to(device, frozen_dtype).requires_grad_(False)
+        teacher = ours_from_state(state, cfg).to(device).requires_grad_(False)
+        if frozen_dtype == torch.bfloat16:
+            train.hold_bf16(teacher)
         student.grad_checkpointing = bool(opt and opt.grad_checkpointing)
         if opt and opt.channels_last:
             student, teacher = (n.to(memory_format=torch.channels_last) for n in (student, teacher))
@@ -488,8 +492,8 @@ class RefPGSB:
         self.vsd = vsd.VSDConfig()
         self.student_params = list(self.student.parameters())
         self.lora_params = [p for p in self.lora.parameters() if p.requires_grad]
-        self.opt_student = torch.optim.AdamW(self.student_params, lr=1e-6, foreach=foreach)
-        self.opt_lora = torch.optim.AdamW(self.lora_params, lr=1e-3, foreach=foreach)
+        self.opts = {'student': torch.optim.AdamW(self.student_params, lr=1e-6, foreach=foreach),
+                     'lora': torch.optim.AdamW(self.lora_params, lr=1e-3, foreach=foreach)}
 
     @classmethod
     def from_state(cls, state, lora_state, cfg, device, frozen_dtype, opt=None):
@@ -527,10 +531,10 @@ class RefPGSB:
                 eps_lora = lora_u + kappa * (lora_c - lora_u)
                 grad = torch.nan_to_num((1 - a(t)) * (eps_teacher - eps_lora))
             loss = 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float())
-        self.opt_student.zero_grad(set_to_none=True)
+        self.opts['student'].zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.student_params, 1.0)
-        self.opt_student.step()
+        self.opts['student'].step()
         with autocast(self.device, self.bf16):
             x0 = x0.detach()
             t = torch.randint(0, T, (B,), device=z.device, generator=generator)
@@ -541,10 +545,10 @@ class RefPGSB:
             eps_pred = ref_eps(self.lora, self.scheduler.add_noise(x0, eps, t), t, c, added)
             w = a(t).sqrt()
             lora_loss = F.mse_loss((w * eps_pred).float(), (w * eps).float())
-        self.opt_lora.zero_grad(set_to_none=True)
+        self.opts['lora'].zero_grad(set_to_none=True)
         lora_loss.backward()
         torch.nn.utils.clip_grad_norm_(self.lora_params, 1.0)
-        self.opt_lora.step()
+        self.opts['lora'].step()
         return loss.detach(), lora_loss.detach()
 
 
@@ -693,7 +697,7 @@ def figure4(opt):
 # Under FakeTensorMode a tensor has its shape, dtype and a storage of the right size, but no data:
 # an SD2.1 step at batch 16 runs in seconds. LiveBytes adds each new storage's bytes when an op
 # creates it and takes them off when the storage dies; its high-water mark is what CUDA's
-# max_memory_allocated reports (less the allocator's rounding). FlopCounterMode counts matmuls,
+# max_memory_allocated reports (less the allocator's rounding). Flops counts matmuls,
 # convolutions and attention (a multiply-add is 2 FLOPs). The fake tensors live on the CPU with CPU
 # bf16 autocast; attention takes the fused (flash) path there as on the GPU, so no N x N matrix.
 
@@ -735,6 +739,16 @@ class LiveBytes(TorchDispatchMode):
         gc.unfreeze()
         return super().__exit__(*exc)
 
+    def collect(self):
+        """The bytes live once the garbage is gone."""
+        gc.collect()
+        self.collected_at = self.live
+        return self.live
+
+    def restart(self):
+        """A new high-water mark from here."""
+        self.peak = self.collect()
+
     def track(self, storage):
         key = storage._cdata  # the storage itself: views and Parameters share it
         if key not in self.held:
@@ -772,15 +786,43 @@ CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cp
                        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_flash_backward_flops}
 
 
+class Flops(TorchDispatchMode):
+    """FLOPs of the ops run under it (`total`), by torch's own formulas (flop_counter's registry and
+    CPU_ATTENTION_FLOPS); an op without one is decomposed first, as FlopCounterMode does. Not
+    FlopCounterMode itself: its module tracker puts gradient hooks on every module's inputs and
+    outputs, and with checkpointed blocks those hooks keep tensors alive that a real step has freed,
+    so the plan's peak counted them (SD2.1 at batch 16, first step: 21.8 GiB against 17.9)."""
+    FORMULAS = {**flop_counter.flop_registry, **{k: flop_counter.shape_wrapper(v) for k, v in CPU_ATTENTION_FLOPS.items()}}
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.ops.prim.device.default:  # (no kernels to decompose into)
+            with self:
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        out = func(*args, **kwargs)
+        count = self.FORMULAS.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
 @dataclass
 class Levers:
-    frozen_bf16: bool = True          # teacher base and VAE weights held in bf16
+    frozen_bf16: bool = True          # teacher base and VAE weights held in bf16 (train.hold_bf16)
     grad_checkpointing: bool = True   # the student's blocks recomputed in the backward pass
     lora_checkpointing: bool = True   # the teacher's blocks recomputed in the LoRA teacher's backward (vsd.py)
     free_student_grads: bool = True   # the student's gradients dropped before the LoRA update (vsd.py)
+    fused_adam: bool = True           # AdamW fused (train.adamw on CUDA); off: the multi-tensor one, CUDA's default
 
     NAMES = {'frozen_bf16': 'frozen bf16', 'grad_checkpointing': 'grad checkpointing',
-             'lora_checkpointing': 'LoRA checkpointing', 'free_student_grads': 'student grads freed'}
+             'lora_checkpointing': 'LoRA checkpointing', 'free_student_grads': 'student grads freed',
+             'fused_adam': 'fused AdamW'}
 
     def __str__(self):
         return ', '.join(name for k, name in self.NAMES.items() if getattr(self, k)) or 'none'
@@ -793,24 +835,29 @@ def schedule_for(cfg):
     return M.SCHEDULES['pixart' if isinstance(cfg, M.DiTConfig) else 'sd']
 
 
-def plan_vae(frozen):
-    """The frozen VAE a training holds beside the networks (for validation images and the CLIP loss)."""
-    return M.build(M.PRESETS['sd_vae']).to(frozen).requires_grad_(False)
+def plan_vae(frozen_bf16, ours=True):
+    """The frozen VAE a training holds beside the networks (for validation images and the CLIP loss):
+    ours as train.py holds it (train.hold_bf16), the reference's all of it in bf16."""
+    vae = M.build(M.PRESETS['sd_vae']).requires_grad_(False)
+    return vae if not frozen_bf16 else train.hold_bf16(vae) if ours else vae.bfloat16()
 
 
-def plan_ours(cfg, levers, vae=True):
-    """Our step's networks on the meta device: () -> (OursPGSB on fake storages, the VAE's)."""
-    frozen = torch.bfloat16 if levers.frozen_bf16 else torch.float32
+def plan_ours(cfg, levers, vae=True, bf16=True):
+    """Our step's networks on the meta device: () -> (OursPGSB on fake storages, the VAE's). bf16: the
+    step under bf16 autocast, as on CUDA (off: fp32 throughout, which needs frozen_bf16 off)."""
     with torch.device('meta'):
         student = M.build(cfg)
         student.grad_checkpointing = levers.grad_checkpointing
-        teacher = M.build(cfg).to(frozen).requires_grad_(False)
+        teacher = M.build(cfg).requires_grad_(False)
+        if levers.frozen_bf16:
+            train.hold_bf16(teacher)
         vsd.add_lora(teacher, LORA_RANK, LORA_ALPHA)
         schedule = M.NoiseSchedule(schedule_for(cfg))
-        held = plan_vae(frozen) if vae else None
+        held = plan_vae(levers.frozen_bf16) if vae else None
     device = torch.device('cpu')
+    adam = {'fused': True} if levers.fused_adam else {'foreach': True}
     return lambda: (OursPGSB(materialize(student), materialize(teacher), materialize(schedule), device,
-                             bf16=True, foreach=True, **levers.vsd()), held and materialize(held))
+                             bf16=bf16, adam=adam, **levers.vsd()), held and materialize(held))
 
 
 def plan_ref(cfg, levers, vae=True):
@@ -822,7 +869,7 @@ def plan_ref(cfg, levers, vae=True):
         teacher = diffusers_net(cfg).to(frozen).requires_grad_(False)
         lora = peft_lora(copy.deepcopy(teacher))
         cast_training_params(lora, dtype=torch.float32)
-        held = plan_vae(frozen) if vae else None
+        held = plan_vae(levers.frozen_bf16, ours=False) if vae else None
     device = torch.device('cpu')
     return lambda: (RefPGSB(materialize(student), materialize(teacher), materialize(lora), device,
                             bf16=True, foreach=True), held and materialize(held))
@@ -877,32 +924,39 @@ class StepPlan:
 
 
 def trace_step(build, cfg, batch):
-    """One step (ours or the reference) on fake tensors: its StepPlan."""
+    """One step (ours or the reference) on fake tensors, the second: a training holds what the first
+    leaves between steps (AdamW's moments, the gradients a step keeps). Its StepPlan."""
     with FakeTensorMode(allow_non_fake_inputs=True), LiveBytes() as mem:
         setup, vae = build()
         inputs = plan_inputs(cfg, batch)
-        with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+        setup.step(*inputs, None)
+        mem.restart()
+        with Flops() as counter:
             setup.step(*inputs, None)
         del inputs
-        static = mem.live
+        static = mem.collect()
         units = tuple(sum(p.numel() for p in u.parameters()) for u in train.fsdp_units(setup.student))
-        return StepPlan(mem.peak, static, counter.get_total_flops(), batch,
+        return StepPlan(mem.peak, static, counter.total, batch,
                         sum(p.numel() for p in setup.student.parameters()),
                         isinstance(setup, OursPGSB) and setup.vsd.free_student_grads, units)
 
 
 def measured_peak(setup, inputs):
     """The measured counterpart of trace_step on real CPU tensors: the high-water mark of the bytes the
-    CPU allocator hands out during one step (the profiler's memory events), plus those held before it."""
+    CPU allocator hands out during a second step (the profiler's memory events, from before the first,
+    so that what the first leaves is counted when it is freed), plus those held before the first."""
     held = sum(t.untyped_storage().nbytes() for t in {id(x): x for x in tensors_of(setup, inputs)}.values())
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         setup.step(*inputs, None)
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == '[memory]'),
-                    key=lambda e: e.start_ns())
+        with torch.profiler.record_function('second step'):
+            setup.step(*inputs, None)
+    events = list(prof.profiler.kineto_results.events())
+    second = next(e.start_ns() for e in events if e.name() == 'second step')
     level = top = 0
-    for e in events:
+    for e in sorted((e for e in events if e.name() == '[memory]'), key=lambda e: e.start_ns()):
         level += e.nbytes()
-        top = max(top, level)
+        if e.start_ns() >= second:
+            top = max(top, level)
     return held + top
 
 
@@ -928,9 +982,9 @@ def generation_flops(cfg):
             net, vae = materialize(net), materialize(vae)
             z, c, _ = plan_inputs(cfg, 1)
             c, added = (c, None) if torch.is_tensor(c) else c
-            with flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
+            with Flops() as counter:
                 run(net, vae, z.bfloat16(), c.bfloat16(), None if added is None else added.bfloat16())
-        out.append(counter.get_total_flops())
+        out.append(counter.total)
     return out
 
 

@@ -54,7 +54,8 @@ class TrainConfig(vsd.VSDConfig):
     weight_decay: float = option(0.0, 'AdamW weight decay')
     grad_clip: float = option(1.0, 'gradient norm clipping (0: off)')
     ema: float = option(0.0, 'EMA decay of the student weights (0: no EMA)')
-    grad_checkpointing: bool = option(False, 'recompute activations in the backward pass to save memory')
+    grad_checkpointing: bool = option(None, "recompute the student's activations in its backward pass, to save memory; unset: on with CUDA (the plan's default, README), off on the CPU, where time, not memory, limits a run")
+    frozen_bf16: bool = option(True, "with CUDA, hold the frozen networks' weights in bf16: the teacher's base, the VAE's and CLIP's linear and convolution weights (hold_bf16: the same numbers under autocast), the text encoders whole; the trained ones (student, LoRA adapters) stay fp32, and the CPU keeps fp32 throughout")
     channels_last: bool = option(False, 'convolution weights and activations in NHWC order (faster convolutions on CPUs)')
     clip: str = option('', 'CLIP folder (transformers CLIPModel) for the clamped CLIP loss')
     save_every: int = option(500, 'write a resumable checkpoint every N steps')
@@ -152,9 +153,6 @@ def check_config(cfg):
         cli.device('--device', cfg.device)
     if cfg.fsdp and cfg.ema > 0:
         raise cli.UserError("--fsdp with --ema is not supported (the EMA would need the whole student on every rank): drop one")
-    if cfg.fsdp and cfg.resume:
-        raise cli.UserError("--resume with --fsdp is not supported yet (the checkpoint is whole, the optimizer sharded): "
-                            "resume without --fsdp")
 
 
 # -----------------------------------------------------------------------------
@@ -208,6 +206,36 @@ def shard_student(student):
     return student
 
 
+class UnitInputs(torch.autograd.Function):
+    """The identity on a unit's inputs, one autograd node for all of them, as fully_shard puts on each
+    unit it shards (see unit_boundaries)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        return inputs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return grads
+
+
+def unit_boundaries(student):
+    """The student's FSDP units (fsdp_units) made autograd boundaries as fully_shard makes them, for DDP:
+    the gradient of an input a unit uses twice (a ResNet block's: its norm and its shortcut) is then
+    summed inside the unit before a use outside it (a skip connection) is added, as under --fsdp, so
+    the two sum every gradient in the same order and train the same weights to the bit."""
+    def pre_forward(unit, args):
+        wanted = [i for i, a in enumerate(args) if torch.is_tensor(a) and a.requires_grad]
+        if not wanted or not torch.is_grad_enabled():
+            return None
+        args = list(args)
+        for i, a in zip(wanted, UnitInputs.apply(*(args[i] for i in wanted))):
+            args[i] = a
+        return tuple(args)
+    for unit in fsdp_units(student):
+        unit.register_forward_pre_hook(pre_forward)
+
+
 def whole(t):
     """A tensor as a whole: an FSDP shard (DTensor) gathered from every rank (each rank must call it)."""
     return t.full_tensor() if hasattr(t, 'full_tensor') else t
@@ -249,11 +277,11 @@ def cache_prompts(text_encoder, prompts, path, batch=64):
                                  f"tokens and are cut (the first: '{long[0][0][:40]}...', {long[0][1]} tokens)")
         ctx, masks, pooled = [], [], []
         for i in range(0, len(prompts), batch):
-            c, m, p = text_encoder.encode(prompts[i:i + batch])
+            c, m, p = float_states(text_encoder.encode(prompts[i:i + batch]))
             ctx.append(c.cpu())
             masks.append(m.cpu() if m is not None else torch.ones(c.shape[:2], dtype=torch.bool))
             pooled += [p.cpu()] if p is not None else []
-        null, null_mask, null_pooled = text_encoder.null()
+        null, null_mask, null_pooled = float_states(text_encoder.null())
         tensors = {'context': torch.cat(ctx), 'mask': torch.cat(masks), 'null': null.cpu(),
                    'null_mask': (null_mask if null_mask is not None else torch.ones(null.shape[:2], dtype=torch.bool)).cpu()}
         if pooled:
@@ -267,6 +295,12 @@ def cache_prompts(text_encoder, prompts, path, batch=64):
     t = load_file(str(path))
     return (prompts, t['context'], t['mask'] if masked else None, t.get('pooled'),
             (t['null'], t['null_mask'] if masked else None, t.get('null_pooled')))
+
+
+def float_states(encoded):
+    """A text encoder's (states, mask, pooled) with the states in fp32, whatever the encoder's dtype."""
+    c, m, p = encoded
+    return c.float(), m, None if p is None else p.float()
 
 
 def sdxl_cond(net, vae, pooled):
@@ -289,28 +323,50 @@ def optimizer_tensors(opt, prefix):
     return tensors, json.dumps(sd['param_groups'])
 
 
+def shard_like(held, whole_tensor):
+    """A whole tensor as `held` (a parameter or its state) holds it: under FSDP this rank's shard of it
+    (a DTensor placed as `held`), cut from the whole every rank has read; otherwise as it is."""
+    if hasattr(held, 'device_mesh') and whole_tensor.shape == held.shape:
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(whole_tensor.to(held.device), held.device_mesh, held.placements, src_data_rank=None)
+    return whole_tensor
+
+
 def load_optimizer(opt, tensors, groups, prefix):
+    params = [p for g in opt.param_groups for p in g['params']]
     state = {}
     for key, v in tensors.items():
         if key.startswith(prefix + '.'):
             pid, k = key[len(prefix) + 1:].split('.', 1)  # the prefix itself holds a dot
-            state.setdefault(int(pid), {})[k] = v
+            state.setdefault(int(pid), {})[k] = shard_like(params[int(pid)], v)
     opt.load_state_dict({'state': state, 'param_groups': json.loads(groups)})
 
 
-def save_training_state(out, step, trained, opts, generator, keep, write=True):
-    """checkpoints/step-N/state.safetensors: trained weights, optimizer moments, RNG state, step. Under
-    FSDP every rank calls it (the shards are gathered whole) and only the one with write=True writes."""
-    tensors, meta = {}, {'step': str(step)}
+def save_training_state(out, step, trained, opts, generator, keep, rank=0, world=1):
+    """checkpoints/step-N/state.safetensors: trained weights, optimizer moments, every rank's random
+    state, step. Under torchrun every rank calls it: an FSDP student's shards are gathered whole, each
+    rank's random state is sent to rank 0, and rank 0 writes."""
+    tensors, meta = {}, {'step': str(step), 'ranks': str(world)}
+
+    def put(key, v):
+        v = whole(v.detach())  # an FSDP shard: every rank takes part in gathering it
+        if rank == 0:
+            tensors[key] = v.cpu().contiguous()
     for name, module in trained.items():
-        tensors.update({f'{name}.{k}': whole(v.detach()).cpu().contiguous() for k, v in module.state_dict().items()
-                        if name != 'teacher' or 'lora_' in k})
+        for k, v in module.state_dict().items():
+            if name != 'teacher' or 'lora_' in k:
+                put(f'{name}.{k}', v)
     for name, opt in opts.items():
         t, meta[f'opt.{name}'] = optimizer_tensors(opt, f'opt.{name}')
-        tensors.update({k: whole(v).cpu().contiguous() for k, v in t.items()})
-    if not write:
+        for k, v in t.items():
+            put(k, v)
+    rngs = [generator.get_state()]
+    if world > 1:
+        rngs = [None] * world
+        dist.all_gather_object(rngs, generator.get_state())
+    if rank != 0:
         return
-    tensors['rng'] = generator.get_state()
+    tensors.update({rng_key(r): state for r, state in enumerate(rngs)})
     root = Path(out) / 'checkpoints'
     tmp = root / f'step-{step:07d}.tmp'
     shutil.rmtree(tmp, ignore_errors=True)  # a save that was killed here before
@@ -319,6 +375,10 @@ def save_training_state(out, step, trained, opts, generator, keep, write=True):
     M.swap_into_place(tmp, root / f'step-{step:07d}')  # a crash before this leaves the older ones intact
     for old in sorted(root.glob('step-???????'))[:-keep]:
         shutil.rmtree(old)
+
+
+def rng_key(rank):
+    return 'rng' if rank == 0 else f'rng.{rank}'
 
 
 def read_training_state(path, trained, opts):
@@ -333,13 +393,16 @@ def read_training_state(path, trained, opts):
             diff = sorted(set(want) ^ set(got)) or [k for k in want if want[k] != got[k]]
             raise M.CheckpointError(f"{path} does not hold this run's {name} ({diff[0]} differs): it was written by "
                                     "a run with other settings")
-    if 'step' not in meta or 'rng' not in tensors or any(f'opt.{name}' not in meta for name in opts):
+    ranks = int(meta.get('ranks', 1))
+    if 'step' not in meta or any(rng_key(r) not in tensors for r in range(ranks)) or \
+            any(f'opt.{name}' not in meta for name in opts):
         raise M.CheckpointError(f"{path} lacks the step, the random state or an optimizer: it is not a training checkpoint")
     return tensors, meta
 
 
-def load_training_state(out, trained, opts, generator, script='train.py'):
-    """Resume from the newest checkpoint in out/checkpoints that reads whole, saying which it passed over."""
+def load_training_state(out, trained, opts, generator, script='train.py', rank=0, world=1):
+    """Resume from the newest checkpoint in out/checkpoints that reads whole, saying which it passed over.
+    Every rank reads it whole; under FSDP each keeps its shards."""
     root = Path(out) / 'checkpoints'
     ckpts = sorted(root.glob('step-???????'))
     if not ckpts:
@@ -350,12 +413,18 @@ def load_training_state(out, trained, opts, generator, script='train.py'):
         except M.CheckpointError as e:
             cli.warn(script, f"passing over {ckpt.name}: {cli.one_line(e)}")
             continue
+        ranks = int(meta.get('ranks', 1))
+        if ranks != world:  # each rank has its own prompts and random state
+            raise cli.UserError(f"--resume: {ckpt} was written by a training on {ranks} rank(s), this one runs on "
+                                f"{world} (resume it on {ranks})")
         for name, module in trained.items():
-            module.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + '.')},
+            held = module.state_dict()
+            module.load_state_dict({k[len(name) + 1:]: shard_like(held[k[len(name) + 1:]], v) for k, v in tensors.items()
+                                    if k.startswith(name + '.')},
                                    strict=name != 'teacher')  # the teacher's base weights come from --teacher
         for name, opt in opts.items():
             load_optimizer(opt, tensors, meta[f'opt.{name}'], f'opt.{name}')
-        generator.set_state(tensors['rng'])
+        generator.set_state(tensors[rng_key(rank)])
         if ckpt != ckpts[-1]:
             cli.warn(script, f"resuming from {ckpt}, the newest checkpoint that reads whole")
         return int(meta['step'])
@@ -427,15 +496,15 @@ def tidy(out):
 
 
 @torch.no_grad()
-def validation_grid(student, pipe, prompts, path, start_t, seed=0):
-    """One image per prompt from fixed noise, written as a PNG row."""
+def validation_grid(student, pipe, text, path, start_t, seed=0):
+    """One image per prompt from fixed noise, written as a PNG row; text: the prompts' encoder outputs."""
     from sample import save_grid
-    c, m, pooled = pipe.text_encoder.encode(prompts)
+    c, m, pooled = text
     cfg = student.cfg
     g = torch.Generator(c.device).manual_seed(seed)
-    z = torch.randn(len(prompts), cfg.in_channels, cfg.sample_size, cfg.sample_size, device=c.device, generator=g)
+    z = torch.randn(len(c), cfg.in_channels, cfg.sample_size, cfg.sample_size, device=c.device, generator=g)
     x0 = vsd.student_generate(student, pipe.schedule, z, c.to(z.dtype), m, start_t, sdxl_cond(student, pipe.vae, pooled))
-    save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(prompts))
+    save_grid(pipe.vae.decode(x0.to(next(student.parameters()).dtype)), path, nrow=len(c))
 
 
 @torch.no_grad()
@@ -468,6 +537,24 @@ def whole_student(student, device):
     plain = M.build(student.cfg).to(device)
     plain.load_state_dict(state)
     return plain
+
+
+def hold_bf16(net):
+    """A frozen network's linear and convolution weights (and biases) held in bf16, where bf16 autocast
+    would cast them at every use: half the memory, the same numbers under autocast. The rest (norms,
+    embeddings, PixArt's scale-shift tables: a small share) stays fp32; trainable layers (the LoRA
+    adapters) are left alone."""
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and not any(p.requires_grad for p in m.parameters()):
+            m.to(torch.bfloat16)
+    return net
+
+
+def adamw(params, device, **options):
+    """AdamW, fused on CUDA: one kernel for the whole update, where the multi-tensor AdamW (CUDA's
+    default) holds a full-size temporary (its second moments' square root: 4 bytes a parameter, at the
+    step's peak for SD2.1, README's plan). On the CPU torch's default, one tensor at a time."""
+    return torch.optim.AdamW(params, **{'fused': device.type == 'cuda', **options})
 
 
 def lr_factor(schedule, step, steps, warmup=None):
@@ -526,10 +613,16 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         tidy(out)
     B = cfg.batch_size // world
     torch.manual_seed(cfg.seed)  # the same initial weights (LoRA included) on every rank
-    autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if device.type == 'cuda' else contextlib.nullcontext
+    cuda = device.type == 'cuda'
+    autocast = (lambda: torch.autocast('cuda', torch.bfloat16)) if cuda else contextlib.nullcontext
+    frozen_bf16 = cuda and cfg.frozen_bf16
 
     # --- set-up: teacher, student (a copy of the teacher), prompts, LoRA teacher, optimizers
     pipe = M.load_checkpoint(cfg.teacher, device)
+    if frozen_bf16:
+        hold_bf16(pipe.denoiser)
+        hold_bf16(pipe.vae)
+        pipe.text_encoder.to(torch.bfloat16)  # run once, outside autocast: all of it (its states are cached in fp32)
     T = pipe.schedule.T
     cli.number('--t-max', cfg.t_max, low=cfg.t_min, high=T - 1, fix=f"the teacher's schedule has {T} timesteps")
     cli.number('--student-t', cfg.student_t, low=-T, high=T - 1, fix=f"-1 is the last of the teacher's {T} timesteps")
@@ -549,28 +642,33 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
             pipe.text_encoder, negatives[rank::world] if len(negatives) >= world else negatives,
             out / 'prompt_cache' / f'{digest_neg}-negatives-{rank}-of-{world}.safetensors')
         neg_added = sdxl_cond(teacher, pipe.vae, neg_pooled)
-    val_prompts = (cfg.val_prompts or 'a red circle|a blue square').split('|')
-    if rank != 0 or not cfg.val_every:
-        pipe.text_encoder = None  # the text encoder (T5-XXL for PixArt) leaves memory once prompts are cached
+    val_text = None
+    if rank == 0 and cfg.val_every:  # the validation prompts encoded once too
+        val_text = float_states(pipe.text_encoder.encode((cfg.val_prompts or 'a red circle|a blue square').split('|')))
+    pipe.text_encoder = None  # the text encoders (T5-XXL for PixArt) leave memory once the prompts are encoded
     null = tuple(x.to(device) if x is not None else None for x in null)
     pairs = None
     if cfg.regression_weight > 0:  # before the adapters: the frozen teacher draws them
-        pairs = teacher_pairs(teacher, pipe.schedule, ctx, ctx_mask, ctx_added, null, cfg, rank,
-                              out / 'prompt_cache' / f'{digest}-pairs-{cfg.regression_pairs}-{cfg.regression_steps}-'
-                              f'{cfg.regression_cfg:g}-{cfg.seed}-{rank}-of-{world}.safetensors')
+        with autocast():
+            pairs = teacher_pairs(teacher, pipe.schedule, ctx, ctx_mask, ctx_added, null, cfg, rank,
+                                  out / 'prompt_cache' / f'{digest}-pairs-{cfg.regression_pairs}-{cfg.regression_steps}-'
+                                  f'{cfg.regression_cfg:g}-{cfg.seed}-{rank}-of-{world}.safetensors')
     try:
         lora_params = vsd.add_lora(teacher, cfg.lora_rank, cfg.lora_alpha, tuple(cfg.lora_targets.split(',')))
     except ValueError as e:
         raise cli.UserError(f"{e} (see --lora-targets)") from None
     student.requires_grad_(True)
-    student.grad_checkpointing = cfg.grad_checkpointing
+    student.grad_checkpointing = cuda if cfg.grad_checkpointing is None else cfg.grad_checkpointing
     if cfg.channels_last:  # 4-D weights in NHWC order: every convolution then runs channels-last
         for net in (student, teacher):
             net.to(memory_format=torch.channels_last)
-    if cfg.fsdp and ddp:  # before the optimizer: it holds the shards
+    sharded = cfg.fsdp and ddp
+    if sharded:  # before the optimizer: it holds the shards
         shard_student(student)
-    opts = {'student': torch.optim.AdamW(student.parameters(), lr=cfg.lr_student, weight_decay=cfg.weight_decay),
-            'lora': torch.optim.AdamW(lora_params, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)}
+    elif ddp:
+        unit_boundaries(student)
+    opts = {'student': adamw(student.parameters(), device, lr=cfg.lr_student, weight_decay=cfg.weight_decay),
+            'lora': adamw(lora_params, device, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)}
     trained = {'student': student, 'teacher': teacher}  # what a checkpoint holds (of the teacher: its adapters)
     ema = None
     if cfg.ema > 0:
@@ -580,10 +678,15 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     generator = torch.Generator(device).manual_seed(cfg.seed * 1000 + rank)
     step = 0
     if cfg.resume:
-        step = load_training_state(out, trained, opts, generator)
-    student_ddp = DDP(student) if ddp and not cfg.fsdp else student
+        step = load_training_state(out, trained, opts, generator, rank=rank, world=world)
+    # DDP's buckets hold the gradients (4 bytes a parameter) for the whole run: the gradients are views into them
+    student_ddp = DDP(student, gradient_as_bucket_view=True) if ddp and not cfg.fsdp else student
     teacher_ddp = DDP(teacher) if ddp else teacher
-    clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device) if cfg.clip and cfg.clip_weight > 0 else None
+    clip_loss = None
+    if cfg.clip and cfg.clip_weight > 0:
+        clip_loss = vsd.ClampedCLIPLoss(cfg.clip, cfg.clip_tau).to(device)
+        if frozen_bf16:
+            hold_bf16(clip_loss.clip)
 
     def extra_terms(x0, texts):
         """SwiftBrush v2's clamped CLIP loss, through the decoder, its weight ramped up over --clip-warmup;
@@ -619,7 +722,6 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         return z, cond, [shard[i] for i in idx], negative, alpha
 
     # --- the loop: one PG-SB step (vsd.pgsb_step), then logging, validation grids, checkpoints
-    sharded = cfg.fsdp and ddp
     log = open(out / 'log.jsonl', 'a') if rank == 0 else None
     bar = tqdm(total=cfg.steps, initial=step, disable=rank != 0, desc='PG-SB')
     while step < cfg.steps:
@@ -651,10 +753,11 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
             if rank == 0:
                 (out / 'val').mkdir(parents=True, exist_ok=True)
                 plain.eval()
-                validation_grid(plain, pipe, val_prompts, out / 'val' / f'step-{step:07d}.png', cfg.student_t)
+                with autocast():  # the VAE's weights may be bf16
+                    validation_grid(plain, pipe, val_text, out / 'val' / f'step-{step:07d}.png', cfg.student_t)
                 plain.train()
-        if (rank == 0 or sharded) and (step % cfg.save_every == 0 or step == cfg.steps):
-            save_training_state(out, step, trained, opts, generator, cfg.keep, write=rank == 0)
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_training_state(out, step, trained, opts, generator, cfg.keep, rank, world)
         if ddp:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     bar.close()
@@ -667,7 +770,10 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
             log.flush()
     final = whole_student(student, device) if sharded else (ema or student)
     if rank == 0:
-        M.save_checkpoint(out / 'student', final.eval(), pipe.vae, pipe.schedule,
+        vae = pipe.vae
+        if frozen_bf16 and isinstance(vae, M.VAE):  # the teacher's own fp32 weights, not those held in bf16
+            vae = M.load_module(Path(cfg.teacher) / 'vae.safetensors')
+        M.save_checkpoint(out / 'student', final.eval(), vae, pipe.schedule,
                           text_folder=cfg.teacher, student_t=cfg.student_t)
     if ddp:
         dist.destroy_process_group()

@@ -267,12 +267,25 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, loss='native', gene
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
 
 
+def clip_grad_norm(params, max_norm):
+    """Scale the gradients of `params` to a total norm of at most max_norm, as torch's clip_grad_norm_
+    does (its 1e-6 included), the squares summed in float64: the norm's float32 value then does not
+    depend on the order of the sum, so a student sharded over ranks (train.py --fsdp: each rank sums
+    its shard of a gradient, then the ranks add theirs) is clipped exactly as a whole one (DDP)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = torch.stack([g.double().square().sum() for g in grads]).sum()
+    total = total.full_tensor() if hasattr(total, 'full_tensor') else total  # FSDP: the ranks' partial sums added
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.sqrt().float())
+
+
 def optimizer_step(opt, loss, grad_clip):
     """Back-propagate `loss` and step `opt`, its gradients clipped to norm `grad_clip` (0: off)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if grad_clip:
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g['params']], grad_clip)
+        clip_grad_norm([p for g in opt.param_groups for p in g['params']], grad_clip)
     opt.step()
 
 

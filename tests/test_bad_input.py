@@ -166,7 +166,6 @@ def train_cases(tmp, teacher, prompts, broken):
          '--negative-prompts applies to --nasa-train'),
         ('negative nasa alpha max', [*args(), '--nasa-alpha-max', -1], '--nasa-alpha-max must be at least 0'),
         ('fsdp with ema', [*args(), '--fsdp', '--ema', 0.9], '--fsdp with --ema is not supported'),
-        ('fsdp with resume', [*args(), '--fsdp', '--resume'], '--resume with --fsdp is not supported yet'),
     ]
 
 
@@ -176,7 +175,7 @@ TRAIN_CASES = [
     'no cuda', 'out is a file', 'out under a file', 'out is the teacher', 'resume with nothing',
     'checkpoints without resume', 'missing teacher', 'truncated teacher', 'empty prompt file',
     'missing negative prompt file', 'empty negative prompt file', 'nasa-train without negatives',
-    'negatives without nasa-train', 'negative nasa alpha max', 'fsdp with ema', 'fsdp with resume']
+    'negatives without nasa-train', 'negative nasa alpha max', 'fsdp with ema']
 
 
 @pytest.mark.parametrize('case', TRAIN_CASES)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import model as M
 import sample
 import train
-from conftest import PROMPTS, assert_clean_error, free_port, run_script, seeded
+from conftest import PROMPTS, assert_clean_error, free_port, main_error, run_script, seeded
 
 STEP_TIMEOUT = 240  # a CI machine can be slow; a few tiny steps take seconds
 
@@ -25,6 +25,12 @@ def run_train(*args, launcher=()):
     proc = run_script('train.py', *args, timeout=STEP_TIMEOUT, launcher=launcher)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def torchrun(*args):
+    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
+                f'--master_port={free_port()}']
+    return run_train(*args, launcher=launcher)
 
 
 def read_log(out):
@@ -187,9 +193,7 @@ def test_nasa_t_steps_cache_the_negatives_and_draw_alpha_each_step(unet_teacher,
 
 def test_two_ranks_under_torchrun_stay_identical(unet_teacher, prompt_file, tmp_path):
     out = tmp_path / 'ddp_run'
-    launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
-                f'--master_port={free_port()}']
-    run_train(*train_args(unet_teacher, prompt_file, out, 3, '--lr-student', 1e-3), launcher=launcher)
+    torchrun(*train_args(unet_teacher, prompt_file, out, 3, '--lr-student', 1e-3))
     records = read_log(out)
     check_log(records, 3, 1, (0.5, 4.0))  # rank 0's share of the global batch of 2
     assert records[-1] == {'step': 3, 'ranks_identical': True}
@@ -200,32 +204,30 @@ def test_two_ranks_under_torchrun_stay_identical(unet_teacher, prompt_file, tmp_
     assert differs(M.load_checkpoint(out / 'student', text=False).denoiser.state_dict(), teacher.state_dict())
 
 
-def test_fsdp_under_torchrun_matches_ddp(unet_teacher, prompt_file, tmp_path):
-    """--fsdp on two gloo ranks: the student sharded with torch's FSDP logs DDP's losses to the bit, the
-    ranks agree, and the checkpoints hold whole tensors under DDP's keys, equal to DDP's to rounding."""
-    outs = {}
-    for name in ('ddp', 'fsdp'):
-        outs[name] = tmp_path / name
-        launcher = ['-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_addr=127.0.0.1',
-                    f'--master_port={free_port()}']
-        extra = ['--lr-student', 1e-3, '--save-every', 2] + (['--fsdp'] if name == 'fsdp' else [])
-        run_train(*train_args(unet_teacher, prompt_file, outs[name], 2, *extra), launcher=launcher)
-    ddp, fsdp = (read_log(o) for o in outs.values())
-    assert fsdp[-1] == {'step': 2, 'ranks_identical': True}
-    assert [{k: r[k] for k in ('step', 'vsd', 'lora', 'kappa')} for r in ddp[:-1]] == \
-        [{k: r[k] for k in ('step', 'vsd', 'lora', 'kappa')} for r in fsdp[:-1]]
-    a, b = (load_file(str(o / 'checkpoints' / 'step-0000002' / 'state.safetensors')) for o in outs.values())
-    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
-    for k in a:  # the reduce-scatter rounds apart from the all-reduce; AdamW scales a near-zero gradient up to a step of
-        # the learning rate (1e-3): its weights then differ by up to 1e-6
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    assert torch.equal(a['rng'], b['rng'])
-    a, b = (load_file(str(o / 'student' / 'denoiser.safetensors')) for o in outs.values())
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+def test_fsdp_under_torchrun_matches_ddp_and_resumes(unet_teacher, prompt_file, tmp_path):
+    """--fsdp on two gloo ranks, stopped after 2 steps and resumed to 4, against 4 steps of DDP: the
+    same losses, and checkpoints (weights, AdamW moments, every rank's random state) and student
+    identical to the bit, the gradients clipped (a small --grad-clip) in both."""
+    ddp, fsdp = tmp_path / 'ddp', tmp_path / 'fsdp'
+    extra = ['--lr-student', 1e-3, '--grad-clip', 1e-3, '--save-every', 2]
+    torchrun(*train_args(unet_teacher, prompt_file, ddp, 4, *extra))
+    torchrun(*train_args(unet_teacher, prompt_file, fsdp, 2, *extra, '--fsdp'))
+    torchrun(*train_args(unet_teacher, prompt_file, fsdp, 4, *extra, '--fsdp', '--resume'))
+    a, b = read_log(ddp), read_log(fsdp)
+    assert a[-1] == b[-1] == {'step': 4, 'ranks_identical': True}
+    steps = lambda log: [{k: r[k] for k in ('step', 'vsd', 'lora', 'kappa')} for r in log if 'vsd' in r]
+    assert [r['step'] for r in steps(b)] == [1, 2, 3, 4] and steps(a) == steps(b)
+    for step in ('0000002', '0000004'):
+        a, b = (load_file(str(o / 'checkpoints' / f'step-{step}' / 'state.safetensors')) for o in (ddp, fsdp))
+        assert a.keys() == b.keys() and {'rng', 'rng.1'} <= a.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    a, b = (load_file(str(o / 'student' / 'denoiser.safetensors')) for o in (ddp, fsdp))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     teacher = M.load_checkpoint(unet_teacher, text=False).denoiser
-    assert differs(M.load_checkpoint(outs['fsdp'] / 'student', text=False).denoiser.state_dict(), teacher.state_dict())
+    assert differs(M.load_checkpoint(fsdp / 'student', text=False).denoiser.state_dict(), teacher.state_dict())
+    # each rank has its own prompts and random state: resuming on another number of ranks is refused
+    line = main_error(train.main, *train_args(unet_teacher, prompt_file, fsdp, 6, '--resume'))
+    assert 'was written by a training on 2 rank(s), this one runs on 1 (resume it on 2)' in line, line
 
 
 def test_resume_gives_the_same_run(unet_run, unet_teacher, prompt_file, tmp_path):

@@ -1,5 +1,6 @@
 """The PG-SB objective (vsd.py): LoRA teacher, random guidance scale, one-step student, VSD gradient
 and the LoRA teacher's denoising loss. Schedules are checked against diffusers' schedulers."""
+import contextlib
 import re
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import model as M
+import train
 import vsd
 from conftest import ROOT, seeded
 
@@ -671,3 +673,45 @@ def test_memory_levers_leave_the_step_bit_identical(name, monkeypatch):
     vsd.pgsb_step(student, teacher, schedule('sd'), opts, draw, null, vsd.VSDConfig(), torch.Generator().manual_seed(1))
     assert all(p.grad is None for p in student.parameters()) and not teacher.grad_checkpointing
     assert any(p.grad is not None for p in opts['lora'].param_groups[0]['params'])
+
+
+def step_with_levers(name, on, frozen_bf16=False, autocast=False):
+    """One PG-SB step (two LoRA updates) from fixed weights and seeds with the memory and speed levers
+    on or off (the student's and the LoRA teacher's blocks checkpointed, the student's gradients freed,
+    channels-last, fused AdamW) and the frozen teacher held in bf16 (train.hold_bf16) or not: its losses
+    and every weight it updated. AdamW's eps is 1, so its first step is lr g / (|g| + 1), about lr g here:
+    the weights then agree as far as the gradients do (with eps 1e-8 it is lr g / |g|, and the rounding
+    of a near-zero gradient would move its weight by up to the learning rate)."""
+    student, teacher = tiny(name).train(), tiny(name).requires_grad_(False)
+    lora = seeded(3, vsd.add_lora, teacher, 2, 4)
+    perturb_lora(teacher)
+    if frozen_bf16:
+        train.hold_bf16(teacher)
+    if on:
+        student.grad_checkpointing = True
+        for net in (student, teacher):
+            net.to(memory_format=torch.channels_last)
+    opts = {'student': torch.optim.AdamW(student.parameters(), lr=1e-3, eps=1.0, fused=on),
+            'lora': torch.optim.AdamW(lora, lr=1e-3, eps=1.0, fused=on)}
+    cfg = vsd.VSDConfig(lora_updates=2, lora_grad_checkpointing=on, free_student_grads=on)
+    cond, null = texts(name, B=2)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda: (torch.randn(2, 4, 16, 16, generator=g), cond, ['a'] * 2)
+    bf16 = (lambda: torch.autocast('cpu', torch.bfloat16)) if autocast else contextlib.nullcontext
+    info, _ = vsd.pgsb_step(student, teacher, schedule('sd'), opts, draw, null, cfg, torch.Generator().manual_seed(1), bf16)
+    return info, [p.detach() for p in list(student.parameters()) + lora]
+
+
+@pytest.mark.parametrize('name', NETS)
+def test_every_lever_on_gives_the_step_of_every_lever_off(name):
+    """Every lever on against every lever off, in fp32: the same losses and updated weights to rounding
+    (channels-last and the fused AdamW round differently; the rest is exact, test above). Under bf16
+    autocast, the frozen teacher's base held in bf16 against fp32, every other lever on: the same to the bit."""
+    (off, w_off), (on, w_on) = step_with_levers(name, False), step_with_levers(name, True)
+    for k in ('vsd', 'lora'):
+        torch.testing.assert_close(on[k], off[k], rtol=1e-4, atol=0)  # the VSD loss: a small difference of two teachers
+    for a, b in zip(w_on, w_off):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-7)  # about lr g = 1e-5; 1 ulp of a weight of 1 is 1.2e-7
+    (off, w_off), (on, w_on) = (step_with_levers(name, True, frozen_bf16=f, autocast=True) for f in (False, True))
+    assert torch.equal(on['vsd'], off['vsd']) and torch.equal(on['lora'], off['lora'])
+    assert all(torch.equal(a, b) for a, b in zip(w_on, w_off))
