@@ -420,8 +420,9 @@ class OursPGSB:
     """Our step, as train.py runs it: vsd.pgsb_step, one teacher whose LoRA adapters are switched off
     for the frozen pass, cond/uncond batched. The LoRA teacher's loss is SwiftBrush's alpha_t-weighted
     eps error, as in the reference. Frozen base weights held as train.py holds them when `frozen_dtype`
-    is bf16 (train.hold_bf16); the student and the adapters train in fp32 (bf16 autocast on GPU, or wherever `bf16` asks for it). AdamW as train.py
-    builds it (train.adamw: fused on CUDA), with `adam`'s options on top."""
+    is bf16 (train.hold_bf16); the student and the adapters train in fp32 (bf16 autocast on GPU, or
+    wherever `bf16` asks for it). AdamW as train.py builds it (train.adamw: fused on CUDA), with
+    `adam`'s options on top."""
 
     def __init__(self, student, teacher, schedule, device, bf16=None, adam=None, **levers):
         self.device, self.student, self.teacher, self.schedule = device, student.train(), teacher, schedule
