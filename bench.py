@@ -726,8 +726,7 @@ class LiveBytes(TorchDispatchMode):
                 self.track(t.untyped_storage())
         if self.live > self.peak:
             if self.live > (1 + self.slack) * self.collected_at:
-                gc.collect()
-                self.collected_at = self.live
+                self.collect()
             self.peak = max(self.peak, self.live)
         return out
 

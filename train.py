@@ -236,11 +236,6 @@ def unit_boundaries(student):
         unit.register_forward_pre_hook(pre_forward)
 
 
-def whole(t):
-    """A tensor as a whole: an FSDP shard (DTensor) gathered from every rank (each rank must call it)."""
-    return t.full_tensor() if hasattr(t, 'full_tensor') else t
-
-
 def fsdp_units(net):
     """The blocks --fsdp shards one by one (each gathered for its own forward and backward): every
     ResNet block, transformer block, down- and upsampler; the rest (embeddings, the attention
@@ -349,7 +344,7 @@ def save_training_state(out, step, trained, opts, generator, keep, rank=0, world
     tensors, meta = {}, {'step': str(step), 'ranks': str(world)}
 
     def put(key, v):
-        v = whole(v.detach())  # an FSDP shard: every rank takes part in gathering it
+        v = vsd.whole(v.detach())  # an FSDP shard: every rank takes part in gathering it
         if rank == 0:
             tensors[key] = v.cpu().contiguous()
     for name, module in trained.items():
@@ -533,7 +528,7 @@ def teacher_pairs(teacher, schedule, ctx, ctx_mask, ctx_added, null, cfg, rank, 
 
 def whole_student(student, device):
     """An unsharded copy of an FSDP student (every rank gathers it; rank 0 uses it)."""
-    state = {k: whole(v.detach()) for k, v in student.state_dict().items()}
+    state = {k: vsd.whole(v.detach()) for k, v in student.state_dict().items()}
     plain = M.build(student.cfg).to(device)
     plain.load_state_dict(state)
     return plain
@@ -680,7 +675,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     if cfg.resume:
         step = load_training_state(out, trained, opts, generator, rank=rank, world=world)
     # DDP's buckets hold the gradients (4 bytes a parameter) for the whole run: the gradients are views into them
-    student_ddp = DDP(student, gradient_as_bucket_view=True) if ddp and not cfg.fsdp else student
+    student_ddp = DDP(student, gradient_as_bucket_view=True) if ddp and not sharded else student
     teacher_ddp = DDP(teacher) if ddp else teacher
     clip_loss = None
     if cfg.clip and cfg.clip_weight > 0:
@@ -764,7 +759,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
 
     # --- the end: check that the ranks agree, write the student
     if ddp:
-        same = ranks_agree([whole(v) for m in trained.values() for v in m.state_dict().values()], device)
+        same = ranks_agree([vsd.whole(v) for m in trained.values() for v in m.state_dict().values()], device)
         if log:
             log.write(json.dumps({'step': step, 'ranks_identical': same}) + '\n')
             log.flush()

@@ -267,6 +267,11 @@ def denoising_loss(net, schedule, x0, cond, null, null_prob, loss='native', gene
     return F.mse_loss((w * eps_hat).float(), (w * eps).float())
 
 
+def whole(t):
+    """A tensor as a whole: an FSDP shard (DTensor) gathered from every rank (each rank must call it)."""
+    return t.full_tensor() if hasattr(t, 'full_tensor') else t
+
+
 def clip_grad_norm(params, max_norm):
     """Scale the gradients of `params` to a total norm of at most max_norm, as torch's clip_grad_norm_
     does (its 1e-6 included), the squares summed in float64: the norm's float32 value then does not
@@ -275,8 +280,7 @@ def clip_grad_norm(params, max_norm):
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    total = torch.stack([g.double().square().sum() for g in grads]).sum()
-    total = total.full_tensor() if hasattr(total, 'full_tensor') else total  # FSDP: the ranks' partial sums added
+    total = whole(torch.stack([g.double().square().sum() for g in grads]).sum())  # FSDP: the ranks' partial sums added
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.sqrt().float())
 
 
