@@ -479,6 +479,47 @@ def negative_sweep(generate, scales, n=64, seed=0, pairs=SWEEP_PAIRS):
     return rows
 
 
+LOSS_TIMESTEPS = (100, 300, 500, 700, 900)
+
+
+@torch.no_grad()
+def denoising_losses(checkpoints, n=256, seed=0, timesteps=LOSS_TIMESTEPS):
+    """{checkpoint: {t: (with caption, with the null prompt)}}: each network's mse against its own
+    target (eps or v) on the same n real images and noise at each t. Where a teacher denoises
+    worse than another, and how much its prompt helps it there (the gap between the two)."""
+    import torch.nn.functional as F
+
+    import model as M
+    import sample
+    images, captions = sample_world(n, seed)
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    result = {}
+    for checkpoint in checkpoints:
+        pipe = sample.load(checkpoint)
+        if not isinstance(pipe.vae, M.PixelSpace) or pipe.denoiser.cfg.sample_size != IMAGE_SIZE:
+            raise cli.UserError(f"{checkpoint} is not a model of this world (pixel space, {IMAGE_SIZE}x{IMAGE_SIZE})")
+        c, cm, _ = pipe.text_encoder.encode(captions)
+        u, um, _ = pipe.text_encoder.null()
+        u, um = u.expand_as(c), None if um is None else um.expand_as(cm)
+        row = {}
+        for t in timesteps:
+            tt = torch.full((n,), t)
+            x_t, target = pipe.schedule.add_noise(x0, eps, tt), pipe.schedule.target(x0, eps, tt)
+            row[t] = tuple(F.mse_loss(pipe.denoiser(x_t, tt, cc, mm)[:, :3], target).item()
+                           for cc, mm in ((c, cm), (u, um)))
+        result[str(checkpoint)] = row
+    return result
+
+
+def format_losses(losses):
+    timesteps = next(iter(losses.values())).keys()
+    lines = ["| checkpoint | " + " | ".join(f"t={t}" for t in timesteps) + " |", "|---" * (len(timesteps) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{a:.4f} / {b:.4f}" for a, b in row.values()) + " |"
+              for name, row in losses.items()]
+    return "\n".join(lines + ["(mse against the network's own target: with the caption / with the null prompt)"])
+
+
 def format_sweep(rows, method):
     lines = [f"| {method} scale | mean success | min success | mean accuracy | min accuracy |", "|---|---|---|---|---|"]
     lines += [f"| {r['scale']:g} | {_fmt(r['success'])} | {_fmt(r['min_success'])} | {_fmt(r['accuracy'])} "
@@ -1015,6 +1056,11 @@ def main(argv=None):
     sw.add_argument("--n", type=int, default=64, help="images per pair and scale")
     sw.add_argument("--seed", type=int, default=0, help="seed of the sweep (pair i at seed + i)")
     sw.add_argument("--json", default="", help="also write the rows to this JSON file")
+    los = command("losses", "each checkpoint's denoising error on real images at a few timesteps, with the "
+                             "caption and with the null prompt (where a teacher is weak, and what its prompt buys)")
+    los.add_argument("checkpoints", nargs="+", help="checkpoint folders of this world (teachers or students)")
+    los.add_argument("--n", type=int, default=256, help="real images, the same for every checkpoint and timestep")
+    los.add_argument("--seed", type=int, default=0, help="seed of the images and the noise")
     cur = command("curve", "prompt accuracy, Frechet distance and diversity of the students of train.py runs "
                            "(Figure 2), against the teacher's")
     cur.add_argument("runs", nargs="+", help="train.py output folders (their checkpoints/, else their student/), "
@@ -1042,6 +1088,8 @@ def main(argv=None):
                            nasa_scale=args.nasa_scale)
         print(format_report(results))
         _write_json(args.json, results)
+    elif args.command == "losses":
+        print(format_losses(denoising_losses(args.checkpoints, args.n, args.seed)))
     elif args.command == "sweep":
         nag = (args.nag_tau, args.nag_alpha) if args.guidance == "nag" else None
         rows = negative_sweep(sampler(args.student, nag=nag), args.scales, args.n, args.seed)
@@ -1107,6 +1155,11 @@ def check_args(args):
             cli.number("--nag-alpha", args.nag_alpha, low=0, high=1)
         if args.json:
             cli.writable_file("--json", args.json)
+    if args.command == "losses":
+        cli.number("--n", args.n, low=1)
+        for path in args.checkpoints:
+            if not Path(path).is_dir():
+                raise cli.UserError(f"checkpoint {path} not found (pass a checkpoint folder)")
     if args.command == "curve":
         for run in args.runs:
             run_students(run, args.last)

@@ -6,7 +6,8 @@
 # `shapes.py curve` then scores every checkpoint in one step at n=256. Runs go two at a time, one
 # thread each: on 2 cores that is ~20% faster than one after the other at two threads (the thread
 # count changes the rounding, so a run is reproduced bit for bit only at the same count).
-# Six pairs of 1-thread runs (about 33 min a pair at 300 steps on 2 cores). STEPS, OUT, TEACHER and EXTRA (more train.py flags) override the defaults.
+# Six pairs of 1-thread runs (about 33 min a pair at 300 steps on 2 cores). STEPS, OUT, TEACHER and EXTRA
+# (more train.py flags) override the defaults; TABLE2=0 runs Figure 2 alone (three pairs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-300}
@@ -27,7 +28,13 @@ pair() {  # pair SEED KAPPA_A KAPPA_B: the two runs side by side
   for p in "${pids[@]}"; do wait "$p"; done
 }
 
-for seed in 0 1 2; do pair $seed none both; pair $seed teacher lora; done
+TABLE2=${TABLE2:-1}
+for seed in 0 1 2; do
+  pair $seed none both
+  if [ "$TABLE2" != 0 ]; then pair $seed teacher lora; fi
+done
 # Table 2's "neither" and "both" columns are the runs of Figure 2.
 python shapes.py curve $OUT/none-s{0,1,2} $OUT/both-s{0,1,2} --teacher $TEACHER --json $OUT/figure2.json
-python shapes.py curve $OUT/{teacher,lora}-s{0,1,2} --teacher $TEACHER --json $OUT/table2.json
+if [ "$TABLE2" != 0 ]; then
+  python shapes.py curve $OUT/{teacher,lora}-s{0,1,2} --teacher $TEACHER --json $OUT/table2.json
+fi

@@ -263,6 +263,8 @@ def test_shapes_bad_input(tmp_path):
         (['show', tmp_path / 'grid'], 'OUT', 'does not end in an image format'),
         (['prompts', tmp_path / 'a_file' / 'p.txt'], 'OUT', 'is a file, not a folder'),
         (['sweep', tmp_path / 'nowhere'], 'the student', 'not found'),
+        (['losses', 'checkpoints/shapes_teacher', tmp_path / 'nowhere'], 'nowhere', 'not found'),
+        (['losses', 'checkpoints/shapes_teacher', '--n', 0], '--n', 'must be at least 1'),
         (['sweep', 'checkpoints/shapes_student', '--scales', '0,x'], '--scales', 'comma-separated numbers'),
         (['sweep', 'checkpoints/shapes_student', '--guidance', 'nag', '--scales', '0.5'], '--scales',
          "must be at least 1, got 0.5 (NAG's scale is 1 when off)"),

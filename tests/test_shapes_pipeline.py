@@ -161,3 +161,17 @@ def test_evaluate_sampler_restricts_nasa_to_the_named_layers():
     assert np.array_equal(mid, direct) and not np.array_equal(mid, every)
     with pytest.raises(sample.SampleError, match='no cross-attention layer matches'):
         shapes.sampler(student, layers=['no_such_block'])(*args)
+
+
+def test_losses_show_where_the_shipped_teacher_denoises_and_what_its_prompt_buys(capsys):
+    """shapes.py losses: the same images and noise for every checkpoint; on the shipped teacher the
+    error grows with the noise level past t=300 and the caption lowers it where layout is decided."""
+    teacher = str(ROOT / 'checkpoints' / 'shapes_teacher')
+    losses = shapes.denoising_losses([teacher], n=32, seed=5)[teacher]
+    assert list(losses) == list(shapes.LOSS_TIMESTEPS)
+    assert all(0 < v < 1 for pair in losses.values() for v in pair)
+    assert losses[300][0] < losses[700][0] < losses[900][0]
+    assert losses[900][0] < 0.9 * losses[900][1]  # the prompt helps at high noise
+    shapes.main(['losses', teacher, '--n', '32', '--seed', '5'])
+    row = capsys.readouterr().out.splitlines()[2]
+    assert row.startswith(f'| {teacher} | {losses[100][0]:.4f} / {losses[100][1]:.4f} |')
