@@ -10,9 +10,11 @@ negative-prompt success, Frechet distance, diversity).
     python shapes.py prompts out/prompts.txt           # the world's 27 distinct captions
     python shapes.py negatives out/negatives.txt       # NASA-T's negative prompts (train.py --nasa-train)
     python shapes.py train-teacher                     # the teacher, from scratch: runs/shapes_teacher/teacher
-    python shapes.py train-teacher --arch shapes_dit --out runs/shapes_dit_teacher   # the DiT teacher
+    python shapes.py train-teacher --arch shapes_dit --steps 4000 --out runs/shapes_dit_teacher  # the DiT
     python shapes.py evaluate                          # the shipped teacher and student, scored
     python shapes.py curve runs/a-s0 runs/a-s1 --last  # the students of train.py runs, scored
+    python shapes.py sweep checkpoints/shapes_student  # negative-prompt success along NASA's scale
+    python shapes.py losses checkpoints/shapes_teacher # denoising error per timestep, caption vs null
 """
 import argparse
 import json
