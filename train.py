@@ -125,7 +125,7 @@ RANGES = {
     'null_prob': dict(low=0, high=1), 'lora_updates': dict(low=1), 'clip_weight': dict(low=0),
     'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'nasa_alpha_max': dict(low=0),
     'regression_weight': dict(low=0), 'regression_pairs': dict(low=1), 'regression_steps': dict(low=1),
-    'regression_cfg': dict(low=0),
+    'regression_cfg': dict(low=0), 'regression_decay': dict(low=0),
 }
 
 
@@ -690,14 +690,15 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         if clip_loss is not None:
             value = clip_loss(pipe.vae.decode(x0), texts)
             term, values['clip'] = cfg.clip_weight * min(1.0, (step + 1) / max(cfg.clip_warmup, 1)) * value, value.detach()
-        if pairs is not None:
+        weight = cfg.regression_weight * (max(0.0, 1 - step / cfg.regression_decay) if cfg.regression_decay else 1.0)
+        if pairs is not None and weight > 0:  # past --regression-decay the student no longer draws the pairs
             idx = torch.randint(len(pairs['z']), (B,), generator=generator, device=device).cpu()
             cond = tuple(None if pairs[k] is None else pairs[k][idx].to(device) for k in ('context', 'mask', 'added'))
             # the raw module: the step's one DDP forward is the VSD sample's; one backward syncs both
             x0_student = vsd.student_generate(student, pipe.schedule, pairs['z'][idx].to(device), *cond[:2],
                                               cfg.student_t, cond[2])
             value = F.mse_loss(x0_student.float(), pairs['x0'][idx].to(device).float())
-            term, values['regression'] = term + cfg.regression_weight * value, value.detach()
+            term, values['regression'] = term + weight * value, value.detach()
         return term, values
 
     def draw():

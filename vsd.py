@@ -152,6 +152,7 @@ class VSDConfig:
     regression_pairs: int = option(512, 'teacher (noise, image) pairs drawn once per rank for the regression term')
     regression_steps: int = option(25, "DDIM steps of the teacher's pairs")
     regression_cfg: float = option(3.0, "guidance scale of the teacher's pairs")
+    regression_decay: int = option(0, 'steps over which the regression weight falls linearly to 0, leaving VSD alone to sharpen what the pairs laid out (0: constant)')
     lora_grad_checkpointing: bool = option(True, "recompute the teacher's activations in the LoRA teacher's backward pass (its frozen forwards keep none); the same numbers, less memory at the step's peak")
     free_student_grads: bool = option(True, "drop the student's gradients once it has stepped, before the LoRA teacher's update (the next step makes new ones); the same numbers, less memory")
 

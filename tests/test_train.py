@@ -111,7 +111,8 @@ def test_lora_on_the_resnet_convolutions_with_several_updates_per_step(unet_teac
 
 def test_regression_term_fits_the_frozen_teachers_ddim_pairs(unet_teacher, prompt_file, tmp_path):
     """--regression-weight: the pairs are the frozen teacher's DDIM images from their own noise, drawn
-    once and cached (a resume reads them back, no second draw), and the term is logged each step."""
+    once and cached (a resume reads them back, no second draw), the term is logged each step, and
+    --regression-decay switches it off."""
     out = tmp_path / 'regression_run'
     extra = ('--regression-weight', 0.5, '--regression-pairs', 3, '--regression-steps', 2, '--regression-cfg', 2.0)
     train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 2, *extra)])
@@ -126,8 +127,12 @@ def test_regression_term_fits_the_frozen_teachers_ddim_pairs(unet_teacher, promp
     x0 = sample.ddim(pipe.denoiser, pipe.schedule, pairs['z'], (pairs['context'], None, None), (u, um, None), 2, 2.0)
     torch.testing.assert_close(x0, pairs['x0'], rtol=1e-4, atol=1e-5)
     stamp = cache[0].stat().st_mtime_ns
-    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 3, *extra, '--resume')])
-    assert cache[0].stat().st_mtime_ns == stamp and len(read_log(out)) == 3
+    # resumed with --regression-decay 2: the weight is 1 - step / 2, so the third step (step 2) has no term
+    train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 3, *extra, '--resume',
+                                           '--regression-decay', 2)])
+    records = read_log(out)
+    assert cache[0].stat().st_mtime_ns == stamp and len(records) == 3
+    assert 'regression' not in records[2] and math.isfinite(records[2]['vsd'])
 
 
 def test_unknown_lora_target_is_a_clean_error(unet_teacher, prompt_file, tmp_path):
