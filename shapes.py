@@ -317,6 +317,26 @@ def total_variation(p, q):
     return 0.5 * sum(abs(p[name] - q[name]) for name in p)
 
 
+def tv_floor(histograms, count, draws=2000, seed=0):
+    """{"colour": x, "shape": y}: the max TV (as compare() takes it) between two draws of `count`
+    images each from the same histograms, median over `draws` pairs of draws. A generator that
+    draws exactly its reference's histograms still reads about this much at this count: below it,
+    a TV is sampling noise (at 29 images per prompt, n=256, it is about 0.24)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for attribute, prompts in (("colour", shape_prompts()), ("shape", colour_prompts())):
+        shares = np.array([list(histograms[p]["shares"].values()) for p in prompts], np.float64)
+        shares = shares[~np.isnan(shares).any(axis=1)]
+        if not len(shares):
+            out[attribute] = math.nan
+            continue
+        shares /= shares.sum(axis=1, keepdims=True)
+        a = np.stack([rng.multinomial(count, q, size=draws) for q in shares], 1) / count  # (draws, prompts, names)
+        b = np.stack([rng.multinomial(count, q, size=draws) for q in shares], 1) / count
+        out[attribute] = float(np.median(0.5 * np.abs(a - b).sum(-1).max(-1)))
+    return out
+
+
 def spread(images, prompts):
     """{centre_x, centre_y, size}: the standard deviation over each prompt's images (from the
     foreground's bounding box, in image widths, as features()), averaged over the prompts.
@@ -451,6 +471,7 @@ def evaluate(generate_teacher, generate_student, n=256, seed=0, nasa_scale=nasa.
         results[name] = {**stats, "empty_share": float(np.mean(empty)), "vs_real": compare(stats, reference["real"])}
     if results["teacher"] is not None:
         results["student"]["vs_teacher"] = compare(results["student"], results["teacher"])
+        results["tv_floor"] = tv_floor(results["teacher"]["histograms"], under_n)
     return results
 
 
@@ -592,7 +613,8 @@ def format_report(results):
         ratio = vs["spread_ratio"]
         lines += ["", f"Student / teacher spread: centre x {_fmt(ratio['centre_x'])}, centre y "
                   f"{_fmt(ratio['centre_y'])}, size {_fmt(ratio['size'])}; mean TV against the teacher: "
-                  f"colour {_fmt(vs['mean_tv_colour'])}, shape {_fmt(vs['mean_tv_shape'])}."]
+                  f"colour {_fmt(vs['mean_tv_colour'])}, shape {_fmt(vs['mean_tv_shape'])}. "
+                  + _floor_sentence(results["tv_floor"], results["images_per_underspecified_prompt"])]
     lines += ["", "Prompt accuracy per prompt:", "", f"| prompt | {' | '.join(models)} |",
               "|---|" + "---|" * len(models)]
     for prompt in all_prompts():
@@ -856,6 +878,7 @@ def training_curves(teacher, runs, n=256, seed=0, teacher_steps=25, teacher_cfg=
     found = {run: run_students(run, last) for run in runs}  # a bad folder fails before any sampling
     result = {"n": n, "teacher_steps": teacher_steps, "teacher_cfg": teacher_cfg,
               "teacher": scored(sampler(teacher, teacher_steps, teacher_cfg), n, seed, reference), "runs": {}}
+    result["tv_floor"] = tv_floor(result["teacher"]["histograms"], images_per_prompt(n)[1])
     skeleton = sample.load(teacher)
     for run, students in found.items():
         result["runs"][run] = [{"step": step, **scored(pipe_sampler(student_pipe(skeleton, run, folder)), n, seed,
@@ -882,6 +905,12 @@ CURVE_COLUMNS = (  # (heading, the value of a point)
     ("max TV shape", lambda p: p["vs_teacher"]["max_tv_shape"]))
 
 
+def _floor_sentence(floor, count):
+    return (f"Two draws of the teacher's own histograms, {count} images per prompt, differ by a max TV of "
+            f"{_fmt(floor['colour'])} (colour) and {_fmt(floor['shape'])} (shape), median of 2000: "
+            "TVs below that are sampling noise.")
+
+
 def format_curves(curves):
     """training_curves() as markdown: the teacher's numbers, then one row per group of runs and step.
     Runs named NAME-sSEED are one group, shown as mean +- standard deviation over seeds; a final
@@ -892,7 +921,8 @@ def format_curves(curves):
              f"{_fmt(t['min_accuracy'])} ({t['min_accuracy_prompt']}), empty share {_fmt(t['empty_share'])}, "
              f"sd centre x / y / size {_fmt(t['spread']['centre_x'])} / {_fmt(t['spread']['centre_y'])} / "
              f"{_fmt(t['spread']['size'])}, max TV against the real data: colour "
-             f"{_fmt(t['vs_real']['max_tv_colour'])}, shape {_fmt(t['vs_real']['max_tv_shape'])}.", ""]
+             f"{_fmt(t['vs_real']['max_tv_colour'])}, shape {_fmt(t['vs_real']['max_tv_shape'])}. "
+             + _floor_sentence(curves["tv_floor"], images_per_prompt(curves["n"])[1]), ""]
     groups = {}
     for run, points in curves["runs"].items():
         groups.setdefault(re.sub(r"-s\d+$", "", Path(run).name), []).append({p["step"]: p for p in points})

@@ -305,6 +305,19 @@ def test_spread_is_per_prompt():
     assert real == pytest.approx({"centre_x": 0.165, "centre_y": 0.165, "size": 0.08}, abs=0.015)
 
 
+def test_tv_floor_is_the_max_tv_of_two_draws_from_one_histogram():
+    """Two colours at 1/2 each, 2 images per prompt: one prompt's TV is 0, 1/2 or 1 with chances
+    3/8, 1/2, 1/8, so the max over the 3 colour-free prompts is 0 with chance (3/8)^3 and at most
+    1/2 with chance (7/8)^3 = 0.67: its median is 1/2. One shape for certain: always 0."""
+    histograms = {p: {"shares": {c: 0.5 * (c in ("red", "blue")) for c in COLOURS}} for p in shapes.shape_prompts()}
+    histograms |= {p: {"shares": {"circle": 1.0, "square": 0.0, "triangle": 0.0}} for p in shapes.colour_prompts()}
+    assert shapes.tv_floor(histograms, 2) == {"colour": 0.5, "shape": 0.0}
+    world = {p: shapes.world_histogram(p) for p in shapes.shape_prompts() + shapes.colour_prompts()}
+    few, many = shapes.tv_floor(world, 29), shapes.tv_floor(world, 1000)
+    assert few["colour"] > 0.25 and few["shape"] > 0.2 and many["colour"] < 0.07 and many["shape"] < 0.05
+    assert shapes.tv_floor(world, 29) == few  # a fixed seed
+
+
 def test_compare_leaves_out_prompts_with_no_shape():
     stats = {"histograms": {p: shapes.world_histogram(p) for p in shapes.shape_prompts() + shapes.colour_prompts()},
              "spread": {"centre_x": 0.1, "centre_y": 0.2, "size": 0.0}}
@@ -336,7 +349,9 @@ def test_evaluate_diversity_of_a_collapsed_student():
     for row in (student, teacher):
         assert row["vs_real"]["max_tv_colour"] == row["vs_real"]["mean_tv_colour"] == pytest.approx(5 / 6)
         assert row["vs_real"]["max_tv_shape"] == pytest.approx(2 / 3)
+    assert results["tv_floor"] == {"colour": 0.0, "shape": 0.0}  # a teacher that draws one thing
     report = shapes.format_report(results)
+    assert "16 images per prompt, differ by a max TV of 0.000 (colour) and 0.000 (shape)" in report
     assert "| student | 0.056 | 0.000 (a red square) |" in report
     assert "| 0.000 | 0.000 | 0.000 | teacher | 0.000 | 0.000 |" in report  # sd x, y, size; TV
     assert "| a red square | 0.000 | 0.000 |" in report  # per-prompt accuracy, teacher and student
@@ -373,13 +388,15 @@ def test_format_curves_groups_seeds_into_mean_and_deviation():
     teacher = {"fd": 0.04, "accuracy": 0.97, "min_accuracy": 0.8, "min_accuracy_prompt": "a red square",
                "empty_share": 0.0, "spread": {"centre_x": 0.17, "centre_y": 0.16, "size": 0.08},
                "vs_real": {"max_tv_colour": 0.1, "max_tv_shape": 0.2}}
-    curves = {"n": 256, "teacher_steps": 25, "teacher_cfg": 3.0, "teacher": teacher, "runs": {
+    curves = {"n": 256, "teacher_steps": 25, "teacher_cfg": 3.0, "teacher": teacher,
+              "tv_floor": {"colour": 0.241, "shape": 0.238}, "runs": {
         "runs/exp/none-s0": [point(25, 1.0, 0.5), point(50, 2.0, 0.25)],
         "runs/exp/none-s1": [point(25, 3.0, 0.75, "a blue circle", 0.5), point(50, 4.0, 0.25)],
         "runs/exp/lora-s0": [point(25, 0.5, 1.0)], "ckpt/student": [point(None, 0.3, 0.9)]}}
     text = shapes.format_curves(curves)
     assert "Teacher (25 DDIM steps, CFG 3.0, n=256): FD 0.040, accuracy 0.970, min prompt accuracy 0.800 " \
            "(a red square)" in text
+    assert "29 images per prompt, differ by a max TV of 0.241 (colour) and 0.238 (shape)" in text
     assert ("| none (2 runs) | 25 | 2.000 +- 1.000 | 0.625 +- 0.125 | 0.312 +- 0.062 | 0.000 +- 0.000 "
             "| 0.750 +- 0.250 | 0.750 +- 0.250 | 0.750 +- 0.250 | 0.250 +- 0.000 | n/a "
             "| a blue circle / a red circle |") in text
