@@ -410,6 +410,25 @@ def recording(generate):
     return wrapped, empty
 
 
+def misses(images, prompts):
+    """{"no shape": n, "colour": n, "shape": n, "both": n, "shapes": {"square as circle": n, ...}}:
+    how the images that miss their prompt miss it (no shape present, the wrong colour, the wrong
+    shape, or both), and which shape the check read in place of the prompted one."""
+    out = {"no shape": 0, "colour": 0, "shape": 0, "both": 0, "shapes": {}}
+    for image, prompt in zip(images, prompts, strict=True):
+        present, colour, shape = classify(image)
+        want_colour, want_shape = parse_prompt(prompt)
+        wrong_colour, wrong_shape = want_colour not in (None, colour), want_shape not in (None, shape)
+        if not present:
+            out["no shape"] += 1
+        elif wrong_colour or wrong_shape:
+            out["both" if wrong_colour and wrong_shape else "colour" if wrong_colour else "shape"] += 1
+        if present and wrong_shape:
+            key = f"{want_shape} as {shape}"
+            out["shapes"][key] = out["shapes"].get(key, 0) + 1
+    return out
+
+
 def per_prompt_accuracy(images, prompts):
     """{prompt: prompt accuracy over its images}, in the prompts' first-seen order."""
     prompts = np.asarray(prompts)
@@ -431,6 +450,7 @@ def score(generate, n, seed, reference):
     return {"accuracy": prompt_accuracy(full_images, full),
             "fd": frechet_distance(features(fd_images), reference["real_feats"]),
             "per_prompt_accuracy": accuracy, "min_accuracy": accuracy[worst], "min_accuracy_prompt": worst,
+            "misses": misses(full_images, full),
             "histograms": {p: histogram(under_images[under_arr == p], unnamed_attribute(p))
                            for p in shape_prompts() + colour_prompts()},
             "spread": spread(np.concatenate([full_images, under_images]), full + under)}
@@ -615,6 +635,12 @@ def format_report(results):
                   f"{_fmt(ratio['centre_y'])}, size {_fmt(ratio['size'])}; mean TV against the teacher: "
                   f"colour {_fmt(vs['mean_tv_colour'])}, shape {_fmt(vs['mean_tv_shape'])}. "
                   + _floor_sentence(results["tv_floor"], results["images_per_underspecified_prompt"])]
+    for name in models:
+        m = results[name]["misses"]
+        confusions = ", ".join(f"{k} {v}" for k, v in sorted(m["shapes"].items(), key=lambda kv: -kv[1]))
+        lines += ["", f"Misses of the {name} on the colour-and-shape prompts: no shape {m['no shape']}, wrong colour "
+                  f"{m['colour']}, wrong shape {m['shape']}, both {m['both']}"
+                  + (f"; the shape read in place of the prompted one: {confusions}." if confusions else ".")]
     lines += ["", "Prompt accuracy per prompt:", "", f"| prompt | {' | '.join(models)} |",
               "|---|" + "---|" * len(models)]
     for prompt in all_prompts():

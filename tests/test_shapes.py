@@ -281,6 +281,15 @@ def test_histograms_and_total_variation_of_a_collapsed_generator():
     assert empty["none"] == 1.0 and all(math.isnan(v) for v in empty["shares"].values())
 
 
+def test_misses_say_how_an_image_misses_its_prompt():
+    images = np.stack([render("square", "red", 12, 16, 16), render("circle", "red", 12, 16, 16),
+                       render("square", "blue", 12, 16, 16), render("triangle", "blue", 12, 16, 16),
+                       black([""], None, 0.0, 0)[0], render("circle", "green", 12, 16, 16)])
+    prompts = ["a red square", "a red square", "a red square", "a red square", "a red square", "a circle"]
+    assert shapes.misses(images, prompts) == {"no shape": 1, "colour": 1, "shape": 1, "both": 1,
+                                              "shapes": {"square as circle": 1, "square as triangle": 1}}
+
+
 def test_empty_share():
     assert shapes.empty_share(fixed_red_circle([""] * 4, None, 0.0, 0)) == 0.0
     assert shapes.empty_share(black([""] * 4, None, 0.0, 0)) == 1.0
@@ -353,6 +362,10 @@ def test_evaluate_diversity_of_a_collapsed_student():
     report = shapes.format_report(results)
     assert "16 images per prompt, differ by a max TV of 0.000 (colour) and 0.000 (shape)" in report
     assert "| student | 0.056 | 0.000 (a red square) |" in report
+    # red circles, 8 for each prompt: the other 5 circles miss the colour, the 2 red prompts the shape,
+    # the other 10 both; 6 x 8 squares and 6 x 8 triangles read as circles
+    assert ("Misses of the student on the colour-and-shape prompts: no shape 0, wrong colour 40, wrong shape 16, "
+            "both 80; the shape read in place of the prompted one: square as circle 48, triangle as circle 48.") in report
     assert "| 0.000 | 0.000 | 0.000 | teacher | 0.000 | 0.000 |" in report  # sd x, y, size; TV
     assert "| a red square | 0.000 | 0.000 |" in report  # per-prompt accuracy, teacher and student
     assert "| a circle | student | 1.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 | 0.000 |" in report
