@@ -321,7 +321,7 @@ def tv_floor(histograms, count, draws=2000, seed=0):
     """{"colour": x, "shape": y}: the max TV (as compare() takes it) between two draws of `count`
     images each from the same histograms, median over `draws` pairs of draws. A generator that
     draws exactly its reference's histograms still reads about this much at this count: below it,
-    a TV is sampling noise (at 29 images per prompt, n=256, it is about 0.24)."""
+    a TV is sampling noise (the shipped teacher's, at 29 images per prompt, n=256: 0.24)."""
     rng = np.random.default_rng(seed)
     out = {}
     for attribute, prompts in (("colour", shape_prompts()), ("shape", colour_prompts())):
