@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -125,7 +124,7 @@ RANGES = {
     'null_prob': dict(low=0, high=1), 'lora_updates': dict(low=1), 'clip_weight': dict(low=0),
     'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'nasa_alpha_max': dict(low=0),
     'regression_weight': dict(low=0), 'regression_pairs': dict(low=1), 'regression_steps': dict(low=1),
-    'regression_cfg': dict(low=0), 'regression_decay': dict(low=0),
+    'regression_cfg': dict(low=0), 'regression_decay': dict(low=0), 'regression_pool': dict(low=1),
 }
 
 
@@ -644,6 +643,10 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
     null = tuple(x.to(device) if x is not None else None for x in null)
     pairs = None
     if cfg.regression_weight > 0:  # before the adapters: the frozen teacher draws them
+        if cfg.regression_pool > student.cfg.sample_size:
+            raise cli.UserError(f"--regression-pool {cfg.regression_pool} is larger than the student's "
+                                f"{student.cfg.sample_size}x{student.cfg.sample_size} images: use at most "
+                                f"{student.cfg.sample_size}")
         with autocast():
             pairs = teacher_pairs(teacher, pipe.schedule, ctx, ctx_mask, ctx_added, null, cfg, rank,
                                   out / 'prompt_cache' / f'{digest}-pairs-{cfg.regression_pairs}-{cfg.regression_steps}-'
@@ -697,7 +700,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
             # the raw module: the step's one DDP forward is the VSD sample's; one backward syncs both
             x0_student = vsd.student_generate(student, pipe.schedule, pairs['z'][idx].to(device), *cond[:2],
                                               cfg.student_t, cond[2])
-            value = F.mse_loss(x0_student.float(), pairs['x0'][idx].to(device).float())
+            value = vsd.regression_loss(x0_student, pairs['x0'][idx].to(device), cfg.regression_pool)
             term, values['regression'] = term + weight * value, value.detach()
         return term, values
 

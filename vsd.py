@@ -8,7 +8,8 @@ One step, per batch of text states c (and the null prompt's c0):
   1. student:       z ~ N(0, I) at the start timestep  ->  x0 = (z - sigma_T eps_hat) / alpha_T
   2. VSD:           x_t = alpha_t x0 + sigma_t eps,  t ~ U{t_min..t_max}
                     grad = sigma_t^2 (eps_teacher^kappa - eps_lora^kappa)   (or DMD's normalised
-                    x0 difference, vsd_weight='dmd'; plus DMD's regression term, in train.py)
+                    x0 difference, vsd_weight='dmd'; plus DMD's regression term,
+                    regression_loss, on pairs train.py draws)
                     loss = 0.5 mse(x0, sg(x0 - grad))             -> the student only
   3. LoRA teacher:  denoising loss on sg(x0) at t ~ U{0..T-1}       -> the LoRA adapters only
      (denoising_loss, on the network's own output, eps or v; the same function trains a teacher
@@ -153,6 +154,7 @@ class VSDConfig:
     regression_steps: int = option(25, "DDIM steps of the teacher's pairs")
     regression_cfg: float = option(3.0, "guidance scale of the teacher's pairs")
     regression_decay: int = option(0, 'steps over which the regression weight falls linearly to 0, leaving VSD alone to sharpen what the pairs laid out (0: constant)')
+    regression_pool: int = option(1, "compare the student's and the teacher's images averaged over KxK blocks (pixels or latents): the pairs fix the layout, VSD the edges (1: every pixel)")
     lora_grad_checkpointing: bool = option(True, "recompute the teacher's activations in the LoRA teacher's backward pass (its frozen forwards keep none); the same numbers, less memory at the step's peak")
     free_student_grads: bool = option(True, "drop the student's gradients once it has stepped, before the LoRA teacher's update (the next step makes new ones); the same numbers, less memory")
 
@@ -228,6 +230,17 @@ def vsd_loss(teacher, schedule, x0, cond, null, cfg: VSDConfig, generator=None, 
     target = (x0 - grad).detach()
     loss = 0.5 * F.mse_loss(x0.float(), target.float())
     return loss, kappa_teacher
+
+
+def regression_loss(x0_student, x0_teacher, pool=1):
+    """DMD's regression term, mse between the student's image from a noise and the teacher's DDIM
+    image from the same noise, on the KxK block means when pool = K > 1. An mse on every pixel asks
+    the one-step student for the teacher's exact edges, which it can only average (squares bow);
+    the block means still fix where each noise puts a shape, how big and in which colour (the
+    variety the VSD term alone loses), and leave the edges to VSD."""
+    if pool > 1:
+        x0_student, x0_teacher = F.avg_pool2d(x0_student, pool), F.avg_pool2d(x0_teacher, pool)
+    return F.mse_loss(x0_student.float(), x0_teacher.float())
 
 
 VSD_WEIGHTS = ('swiftbrush', 'dmd')

@@ -166,6 +166,8 @@ def train_cases(tmp, teacher, prompts, broken):
          '--negative-prompts applies to --nasa-train'),
         ('negative nasa alpha max', [*args(), '--nasa-alpha-max', -1], '--nasa-alpha-max must be at least 0'),
         ('fsdp with ema', [*args(), '--fsdp', '--ema', 0.9], '--fsdp with --ema is not supported'),
+        ('regression pool above the image', [*args(), '--regression-weight', 1, '--regression-pool', 999],
+         '--regression-pool 999 is larger than the student'),
     ]
 
 
@@ -175,7 +177,7 @@ TRAIN_CASES = [
     'no cuda', 'out is a file', 'out under a file', 'out is the teacher', 'resume with nothing',
     'checkpoints without resume', 'missing teacher', 'truncated teacher', 'empty prompt file',
     'missing negative prompt file', 'empty negative prompt file', 'nasa-train without negatives',
-    'negatives without nasa-train', 'negative nasa alpha max', 'fsdp with ema']
+    'negatives without nasa-train', 'negative nasa alpha max', 'fsdp with ema', 'regression pool above the image']
 
 
 @pytest.mark.parametrize('case', TRAIN_CASES)

@@ -114,7 +114,8 @@ def test_regression_term_fits_the_frozen_teachers_ddim_pairs(unet_teacher, promp
     once and cached (a resume reads them back, no second draw), the term is logged each step, and
     --regression-decay switches it off."""
     out = tmp_path / 'regression_run'
-    extra = ('--regression-weight', 0.5, '--regression-pairs', 3, '--regression-steps', 2, '--regression-cfg', 2.0)
+    extra = ('--regression-weight', 0.5, '--regression-pairs', 3, '--regression-steps', 2, '--regression-cfg', 2.0,
+             '--regression-pool', 2)
     train.main([str(a) for a in train_args(unet_teacher, prompt_file, out, 2, *extra)])
     records = check_log(read_log(out), 2, 2, (0.5, 4.0))
     assert all(math.isfinite(r['regression']) and r['regression'] > 0 for r in records)

@@ -461,6 +461,19 @@ def test_unknown_lora_loss_is_refused():
                            (torch.zeros(1, 3, 32), None), (torch.ones(1, 3, 32), None), 0.0, loss='v')
 
 
+def test_regression_loss_on_block_means():
+    """pool 1: the mse on every pixel; pool K: the mse of the KxK block means, by hand, so a change
+    inside each block that keeps its mean (an edge drawn sharper or softer) costs nothing."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    torch.testing.assert_close(vsd.regression_loss(a, b), ((a - b) ** 2).mean())
+    means = lambda x: x.reshape(2, 3, 2, 4, 2, 4).mean(dim=(3, 5))
+    torch.testing.assert_close(vsd.regression_loss(a, b, pool=4), ((means(a) - means(b)) ** 2).mean())
+    checker = (torch.arange(8).view(8, 1) + torch.arange(8)) % 2 * 2.0 - 1  # block means 0
+    torch.testing.assert_close(vsd.regression_loss(a + checker, a, pool=2), torch.tensor(0.0))
+    torch.testing.assert_close(vsd.regression_loss(a + checker, a), torch.tensor(1.0))
+
+
 def test_denoising_loss_replaces_prompts_with_the_null_prompt():
     s = schedule('sd')
     B = 200
