@@ -14,6 +14,7 @@ negative-prompt success, Frechet distance, diversity).
     python shapes.py evaluate                          # the shipped teacher and student, scored
     python shapes.py curve runs/a-s0 runs/a-s1 --last  # the students of train.py runs, scored
     python shapes.py sweep checkpoints/shapes_student  # negative-prompt success along NASA's scale
+    python shapes.py sweep checkpoints/shapes_teacher --guidance cfg  # the teacher's own negative CFG
     python shapes.py losses checkpoints/shapes_teacher # denoising error per timestep, caption vs null
 """
 import argparse
@@ -1104,11 +1105,13 @@ def main(argv=None):
     ev.add_argument("--seed", type=int, default=0, help="seed of the evaluation")
     ev.add_argument("--json", default="", help="also write the results to this JSON file")
     sw = command("sweep", "negative-prompt success against positive accuracy of a one-step student, along "
-                           "NASA's or NAG's scale, on eight pairs (shapes.SWEEP_PAIRS)")
-    sw.add_argument("student", help="one-step student checkpoint")
-    sw.add_argument("--guidance", default="nasa", choices=["nasa", "nag"], help="the negative guidance swept")
+                           "NASA's or NAG's scale, on eight pairs (shapes.SWEEP_PAIRS); or of a teacher along "
+                           "its CFG scale, the negative prompt in the unconditional slot (what NASA-T distils)")
+    sw.add_argument("student", help="one-step student checkpoint (--guidance cfg: a teacher)")
+    sw.add_argument("--guidance", default="nasa", choices=["nasa", "nag", "cfg"], help="the negative guidance swept")
     sw.add_argument("--scales", default="", help="comma-separated scales ('': NASA 0,0.1,0.2,0.3,0.5,0.8; "
-                                                "NAG 1,1.5,2,3,5,8; the first is off in both)")
+                                                "NAG 1,1.5,2,3,5,8; CFG 1,2,3,4.5,7.5; the first is off in all)")
+    sw.add_argument("--steps", type=int, default=10, help="DDIM steps of --guidance cfg")
     sw.add_argument("--nag-tau", type=float, default=2.5, help="NAG's bound on the norm ratio")
     sw.add_argument("--nag-alpha", type=float, default=0.375, help="NAG's blend with the positive features")
     sw.add_argument("--n", type=int, default=64, help="images per pair and scale")
@@ -1149,8 +1152,13 @@ def main(argv=None):
     elif args.command == "losses":
         print(format_losses(denoising_losses(args.checkpoints, args.n, args.seed)))
     elif args.command == "sweep":
-        nag = (args.nag_tau, args.nag_alpha) if args.guidance == "nag" else None
-        rows = negative_sweep(sampler(args.student, nag=nag), args.scales, args.n, args.seed)
+        if args.guidance == "cfg":  # the scale is CFG's: (1 - kappa) eps(y-) + kappa eps(y), over DDIM steps
+            import sample
+            pipe = sample.load(args.student)
+            generate = lambda prompts, negs, kappa, seed: pipe_sampler(pipe, args.steps, kappa)(prompts, negs, 0.0, seed)
+        else:
+            generate = sampler(args.student, nag=(args.nag_tau, args.nag_alpha) if args.guidance == "nag" else None)
+        rows = negative_sweep(generate, args.scales, args.n, args.seed)
         print(format_sweep(rows, args.guidance))
         _write_json(args.json, rows)
     elif args.command == "train-clip":
@@ -1200,14 +1208,16 @@ def check_args(args):
         cli.number("--n", args.n, low=1)
         if not Path(args.student).exists():
             raise cli.UserError(f"the student {args.student} not found (pass a checkpoint folder)")
-        default = "0,0.1,0.2,0.3,0.5,0.8" if args.guidance == "nasa" else "1,1.5,2,3,5,8"
+        default = {"nasa": "0,0.1,0.2,0.3,0.5,0.8", "nag": "1,1.5,2,3,5,8", "cfg": "1,2,3,4.5,7.5"}[args.guidance]
         try:
             args.scales = [float(v) for v in (args.scales or default).split(",")]
         except ValueError:
             raise cli.UserError(f"--scales {args.scales!r} must be comma-separated numbers (e.g. 0,0.2,0.5)") from None
+        off = {"nag": "NAG's scale is 1 when off", "cfg": "at CFG 1 the negative prompt has no weight"}
         for v in args.scales:
-            cli.number("--scales", v, low=1 if args.guidance == "nag" else 0,
-                       fix="NAG's scale is 1 when off" if args.guidance == "nag" else "")
+            cli.number("--scales", v, low=0 if args.guidance == "nasa" else 1, fix=off.get(args.guidance, ""))
+        if args.guidance == "cfg":
+            cli.number("--steps", args.steps, low=2, fix="CFG needs a multi-step teacher; one step is the student's")
         if args.guidance == "nag":
             cli.number("--nag-tau", args.nag_tau, low=0, low_open=True)
             cli.number("--nag-alpha", args.nag_alpha, low=0, high=1)

@@ -271,6 +271,10 @@ def test_shapes_bad_input(tmp_path):
         (['sweep', 'checkpoints/shapes_student', '--guidance', 'nag', '--scales', '0.5'], '--scales',
          "must be at least 1, got 0.5 (NAG's scale is 1 when off)"),
         (['sweep', 'checkpoints/shapes_student', '--guidance', 'nag', '--nag-tau', 0], '--nag-tau', 'must be above 0'),
+        (['sweep', 'checkpoints/shapes_teacher', '--guidance', 'cfg', '--steps', 1], '--steps',
+         'CFG needs a multi-step teacher'),
+        (['sweep', 'checkpoints/shapes_teacher', '--guidance', 'cfg', '--scales', '0.5'], '--scales',
+         'at CFG 1 the negative prompt has no weight'),
     ]
     for args, names, expected in cases:
         line = main_error(shapes.main, *args)

@@ -1,4 +1,5 @@
 """Tests of the shapes world (shapes.py) against SHAPES.md."""
+import json
 import math
 import os
 import sys
@@ -239,6 +240,29 @@ def test_negative_sweep_scores_each_scale_on_the_same_seeds():
     table = shapes.format_sweep(rows, "nasa")
     assert "| 0.5 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
 
+
+
+def test_sweep_of_a_teacher_along_cfg(monkeypatch, tmp_path):
+    """--guidance cfg: each scale is the teacher's CFG kappa over --steps DDIM steps, the negative prompt
+    in the unconditional slot, on the same pairs and seeds as NASA's sweep."""
+    import sample
+    calls = []
+
+    def spy_sampler(pipe, steps, cfg):
+        def generate(prompts, negative_prompts, nasa_scale, seed):
+            calls.append((pipe, steps, cfg, negative_prompts[0], nasa_scale, seed))
+            return ideal_generator(prompts, negative_prompts, 1.0, seed)
+        return generate
+
+    monkeypatch.setattr(sample, "load", lambda path: f"pipe of {path}")
+    monkeypatch.setattr(shapes, "pipe_sampler", spy_sampler)
+    shapes.main(["sweep", "checkpoints/shapes_teacher", "--guidance", "cfg", "--scales", "1,4.5", "--steps", "3",
+                 "--n", "6", "--seed", "5", "--json", str(tmp_path / "rows.json")])
+    pairs = shapes.SWEEP_PAIRS
+    assert calls == [("pipe of checkpoints/shapes_teacher", 3, kappa, neg, 0.0, 5 + i)
+                     for kappa in (1.0, 4.5) for i, (_, neg) in enumerate(pairs)]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["scale"] for r in rows] == [1.0, 4.5] and all(r["success"] == 1.0 for r in rows)
 
 def test_evaluate_red_circle_generator():
     results = shapes.evaluate(None, red_circle_generator, n=144, seed=0)
