@@ -241,7 +241,6 @@ def test_negative_sweep_scores_each_scale_on_the_same_seeds():
     assert "| 0.5 | 1.000 | 1.000 | 1.000 | 1.000 |" in table
 
 
-
 def test_sweep_of_a_teacher_along_cfg(monkeypatch, tmp_path):
     """--guidance cfg: each scale is the teacher's CFG kappa over --steps DDIM steps, the negative prompt
     in the unconditional slot, on the same pairs and seeds as NASA's sweep."""
@@ -263,6 +262,7 @@ def test_sweep_of_a_teacher_along_cfg(monkeypatch, tmp_path):
                      for kappa in (1.0, 4.5) for i, (_, neg) in enumerate(pairs)]
     rows = json.loads((tmp_path / "rows.json").read_text())
     assert [r["scale"] for r in rows] == [1.0, 4.5] and all(r["success"] == 1.0 for r in rows)
+
 
 def test_evaluate_red_circle_generator():
     results = shapes.evaluate(None, red_circle_generator, n=144, seed=0)
