@@ -895,16 +895,19 @@ def scored(generate, n, seed, reference, teacher=None):
     return stats
 
 
-def training_curves(teacher, runs, n=256, seed=0, teacher_steps=25, teacher_cfg=3.0, last=False):
+def training_curves(teacher, runs, n=256, seed=0, teacher_steps=25, teacher_cfg=3.0, last=False, teacher_scores=None):
     """{"teacher": its numbers, "runs": {run: [point, ...]}}: score() of each student of each run
     (see run_students), one step, with the same prompts and seeds as evaluate (the paper's Figure 2
     protocol, with the diversity numbers). Each point also carries "step" and "vs_teacher". The
-    teacher (DDIM, teacher_steps steps, CFG teacher_cfg) is sampled once, however many points."""
+    teacher (DDIM, teacher_steps steps, CFG teacher_cfg) is sampled once, however many points, or
+    not at all when teacher_scores holds its numbers from an earlier curve with the same settings."""
     import sample
     reference = world_reference(n, seed)
     found = {run: run_students(run, last) for run in runs}  # a bad folder fails before any sampling
-    result = {"n": n, "teacher_steps": teacher_steps, "teacher_cfg": teacher_cfg,
-              "teacher": scored(sampler(teacher, teacher_steps, teacher_cfg), n, seed, reference), "runs": {}}
+    if teacher_scores is None:
+        teacher_scores = scored(sampler(teacher, teacher_steps, teacher_cfg), n, seed, reference)
+    result = {"n": n, "seed": seed, "teacher_path": str(Path(teacher).resolve()), "teacher_steps": teacher_steps,
+              "teacher_cfg": teacher_cfg, "teacher": teacher_scores, "runs": {}}
     result["tv_floor"] = tv_floor(result["teacher"]["histograms"], images_per_prompt(n)[1])
     skeleton = sample.load(teacher)
     for run, students in found.items():
@@ -1131,6 +1134,9 @@ def main(argv=None):
     cur.add_argument("--teacher-steps", type=int, default=25, help="DDIM steps for the teacher")
     cur.add_argument("--teacher-cfg", type=float, default=3.0, help="guidance scale for the teacher")
     cur.add_argument("--last", action="store_true", help="score only each run's newest checkpoint")
+    cur.add_argument("--teacher-from", default="",
+                     help="an earlier curve's --json: take the teacher's numbers from it instead of sampling the "
+                          "teacher again (the same --teacher, --n, --seed, --teacher-steps and --teacher-cfg)")
     cur.add_argument("--n", type=int, default=256, help="images per figure (as in evaluate)")
     cur.add_argument("--seed", type=int, default=0, help="seed of the evaluation (as in evaluate)")
     cur.add_argument("--json", default="", help="also write the curves to this JSON file")
@@ -1138,7 +1144,7 @@ def main(argv=None):
     check_args(args)
     if args.command == "curve":
         curves = training_curves(args.teacher, args.runs, args.n, args.seed, args.teacher_steps,
-                                 args.teacher_cfg, args.last)
+                                 args.teacher_cfg, args.last, args.teacher_scores)
         print(format_curves(curves))
         _write_json(args.json, curves)
     elif args.command == "evaluate":
@@ -1183,6 +1189,22 @@ def main(argv=None):
         images, captions = sample_world(64, args.seed)
         save_grid(images, args.out)
         print(f"wrote {args.out}; captions, row by row:\n" + " | ".join(captions))
+
+
+def earlier_teacher(args):
+    """The teacher's numbers in the curve JSON args.teacher_from, when it was scored as args asks."""
+    path = Path(args.teacher_from)
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise cli.UserError(f"--teacher-from {path}: not a curve JSON ({e}); pass a file written by curve --json") from None
+    wanted = {"teacher_path": str(Path(args.teacher).resolve()), "n": args.n, "seed": args.seed,
+              "teacher_steps": args.teacher_steps, "teacher_cfg": args.teacher_cfg}
+    for key, value in wanted.items():
+        if earlier.get(key) != value:
+            raise cli.UserError(f"--teacher-from {path} scored the teacher with {key} {earlier.get(key)!r}, this "
+                                f"curve asks for {value!r}: pass the same settings, or leave out --teacher-from")
+    return earlier["teacher"]
 
 
 def check_args(args):
@@ -1231,6 +1253,7 @@ def check_args(args):
     if args.command == "curve":
         for run in args.runs:
             run_students(run, args.last)
+        args.teacher_scores = earlier_teacher(args) if args.teacher_from else None
     if args.command == "train-teacher":
         if args.arch not in TEACHER_ARCHS:
             raise cli.UserError(f"--arch must be one of {', '.join(TEACHER_ARCHS)}, got {args.arch!r}")

@@ -2,6 +2,7 @@
 on stderr (`SCRIPT: error: ...`) that names the problem, no traceback, and nothing written or changed.
 One table per script; the README's "Bad input" section lists the same classes."""
 import hashlib
+import json
 import shutil
 import socket
 import subprocess
@@ -246,6 +247,9 @@ def test_convert_replaces_a_folder_it_wrote(tmp_path, unet_teacher):
 def test_shapes_bad_input(tmp_path):
     (tmp_path / 'a_file').write_text('x')
     (tmp_path / 'empty_run' / 'checkpoints').mkdir(parents=True)
+    (tmp_path / 'n256.json').write_text(json.dumps({  # an earlier curve's teacher, scored at n=256
+        'teacher_path': str(Path('checkpoints/shapes_teacher').resolve()), 'n': 256, 'seed': 0, 'teacher_steps': 25,
+        'teacher_cfg': 3.0, 'teacher': {}}))
     cases = [
         (['evaluate', '--student', tmp_path / 'nowhere'], 'the student', 'not found'),
         (['evaluate', '--n', -4], '--n', 'must be at least 18, got -4'),
@@ -253,6 +257,10 @@ def test_shapes_bad_input(tmp_path):
         (['evaluate', '--json', tmp_path / 'a_file' / 'r.json'], '--json', 'is a file, not a folder'),
         (['curve', tmp_path / 'empty_run'], 'empty_run', 'holds no checkpoints/step-N'),
         (['curve', tmp_path / 'nowhere'], 'a run', 'not found'),
+        (['curve', 'checkpoints/shapes_student', '--teacher-from', tmp_path / 'a_file'], '--teacher-from',
+         'not a curve JSON'),
+        (['curve', 'checkpoints/shapes_student', '--teacher-from', tmp_path / 'n256.json', '--n', 900],
+         '--teacher-from', 'scored the teacher with n 256, this curve asks for 900'),
         (['train-teacher', '--steps', 0, '--out', tmp_path / 't'], '--steps', 'must be at least 1'),
         (['train-teacher', '--arch', 'tiny_dit', '--out', tmp_path / 't'], '--arch', 'must be one of shapes, shapes_dit'),
         (['negatives', tmp_path / 'a_file' / 'n.txt'], 'OUT', 'is a file, not a folder'),

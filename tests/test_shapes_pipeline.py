@@ -33,7 +33,7 @@ def assert_scores(row, teacher=True):
         assert set(row[key]) == COMPARISON_KEYS
 
 
-def test_teacher_then_student_train_a_few_steps(tmp_path):
+def test_teacher_then_student_train_a_few_steps(tmp_path, monkeypatch):
     proc = run_script('shapes.py', 'train-teacher', '--steps', '2', '--batch-size', '4',
                       '--out', tmp_path / 'teacher_run', '--save-every', '1', '--log-every', '1', timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -73,8 +73,17 @@ def test_teacher_then_student_train_a_few_steps(tmp_path):
                       tmp_path / 'teacher_run' / 'teacher', '--teacher-steps', '2', '--n', '18',
                       '--json', tmp_path / 'last.json', timeout=300)
     assert proc.returncode == 0, proc.stderr
-    [point] = json.loads((tmp_path / 'last.json').read_text())['runs'][str(tmp_path / 'student_run')]
+    last = json.loads((tmp_path / 'last.json').read_text())
+    [point] = last['runs'][str(tmp_path / 'student_run')]
     assert point['step'] == 2
+
+    # --teacher-from: the first curve's teacher numbers, the teacher not sampled again; the same student numbers.
+    monkeypatch.setattr(shapes, 'sampler', lambda *args, **kwargs: pytest.fail('the teacher was sampled again'))
+    shapes.main(['curve', str(tmp_path / 'student_run'), '--last', '--teacher', str(tmp_path / 'teacher_run' / 'teacher'),
+                 '--teacher-steps', '2', '--n', '18', '--teacher-from', str(tmp_path / 'curve.json'),
+                 '--json', str(tmp_path / 'again.json')])
+    again = json.loads((tmp_path / 'again.json').read_text())
+    assert again['teacher'] == curves['teacher'] and again['runs'] == last['runs']
 
     proc = run_script('shapes.py', 'curve', tmp_path / 'teacher_run' / 'prompt_cache', timeout=120)
     assert proc.returncode != 0 and 'no checkpoints/step-N, no student/' in proc.stderr
