@@ -1196,8 +1196,11 @@ def earlier_teacher(args):
     path = Path(args.teacher_from)
     try:
         earlier = json.loads(path.read_text())
+        problem = "" if isinstance(earlier, dict) and "teacher" in earlier else "no teacher numbers in it"
     except (OSError, ValueError) as e:
-        raise cli.UserError(f"--teacher-from {path}: not a curve JSON ({e}); pass a file written by curve --json") from None
+        problem = str(e)
+    if problem:
+        raise cli.UserError(f"--teacher-from {path}: not a curve JSON ({problem}); pass a file written by curve --json")
     wanted = {"teacher_path": str(Path(args.teacher).resolve()), "n": args.n, "seed": args.seed,
               "teacher_steps": args.teacher_steps, "teacher_cfg": args.teacher_cfg}
     for key, value in wanted.items():
