@@ -895,6 +895,12 @@ def scored(generate, n, seed, reference, teacher=None):
     return stats
 
 
+def curve_settings(teacher, n, seed, teacher_steps, teacher_cfg):
+    """What a curve's teacher numbers depend on, as its JSON records them (and --teacher-from checks)."""
+    return {"n": n, "seed": seed, "teacher_path": str(Path(teacher).resolve()), "teacher_steps": teacher_steps,
+            "teacher_cfg": teacher_cfg}
+
+
 def training_curves(teacher, runs, n=256, seed=0, teacher_steps=25, teacher_cfg=3.0, last=False, teacher_scores=None):
     """{"teacher": its numbers, "runs": {run: [point, ...]}}: score() of each student of each run
     (see run_students), one step, with the same prompts and seeds as evaluate (the paper's Figure 2
@@ -906,8 +912,7 @@ def training_curves(teacher, runs, n=256, seed=0, teacher_steps=25, teacher_cfg=
     found = {run: run_students(run, last) for run in runs}  # a bad folder fails before any sampling
     if teacher_scores is None:
         teacher_scores = scored(sampler(teacher, teacher_steps, teacher_cfg), n, seed, reference)
-    result = {"n": n, "seed": seed, "teacher_path": str(Path(teacher).resolve()), "teacher_steps": teacher_steps,
-              "teacher_cfg": teacher_cfg, "teacher": teacher_scores, "runs": {}}
+    result = {**curve_settings(teacher, n, seed, teacher_steps, teacher_cfg), "teacher": teacher_scores, "runs": {}}
     result["tv_floor"] = tv_floor(result["teacher"]["histograms"], images_per_prompt(n)[1])
     skeleton = sample.load(teacher)
     for run, students in found.items():
@@ -1201,8 +1206,7 @@ def earlier_teacher(args):
         problem = str(e)
     if problem:
         raise cli.UserError(f"--teacher-from {path}: not a curve JSON ({problem}); pass a file written by curve --json")
-    wanted = {"teacher_path": str(Path(args.teacher).resolve()), "n": args.n, "seed": args.seed,
-              "teacher_steps": args.teacher_steps, "teacher_cfg": args.teacher_cfg}
+    wanted = curve_settings(args.teacher, args.n, args.seed, args.teacher_steps, args.teacher_cfg)
     for key, value in wanted.items():
         if earlier.get(key) != value:
             raise cli.UserError(f"--teacher-from {path} scored the teacher with {key} {earlier.get(key)!r}, this "
