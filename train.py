@@ -120,7 +120,7 @@ RANGES = {
     'lr_lora': dict(low=0, low_open=True), 'lora_rank': dict(low=1), 'lora_alpha': dict(low=0, low_open=True),
     'warmup': dict(low=0), 'weight_decay': dict(low=0), 'grad_clip': dict(low=0), 'ema': dict(low=0, high=1, high_open=True),
     'save_every': dict(low=1), 'keep': dict(low=1), 'log_every': dict(low=1), 'val_every': dict(low=0),
-    'seed': dict(low=0, high=2 ** 31 - 1), 'kappa_min': dict(low=0), 'kappa_fixed': dict(low=0), 'lora_kappa': dict(low=0), 't_min': dict(low=0),
+    'seed': dict(low=0, high=2 ** 31 - 1), 'kappa_min': dict(low=0), 'kappa_fixed': dict(low=0), 'lora_kappa': dict(low=0), 't_min': dict(low=0), 't_anneal': dict(low=0),
     'null_prob': dict(low=0, high=1), 'lora_updates': dict(low=1), 'clip_weight': dict(low=0),
     'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'nasa_alpha_max': dict(low=0),
     'regression_weight': dict(low=0), 'regression_pairs': dict(low=1), 'regression_steps': dict(low=1),
@@ -142,6 +142,9 @@ def check_config(cfg):
             raise cli.UserError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     cli.number('--kappa-max', cfg.kappa_max, low=cfg.kappa_min, fix='kappa is drawn from [kappa_min, kappa_max]')
     cli.number('--t-max', cfg.t_max, low=cfg.t_min, fix='VSD draws t from [t_min, t_max]')
+    if cfg.t_anneal:
+        cli.number('--t-anneal-max', cfg.t_anneal_max, low=cfg.t_min, high=cfg.t_max,
+                   fix='the annealed timesteps lie within [t_min, t_max]')
     if cfg.nasa_train and not cfg.negative_prompts:
         raise cli.UserError("--nasa-train needs --negative-prompts FILE (one negative prompt per line)")
     if cfg.negative_prompts and not cfg.nasa_train:
@@ -728,8 +731,8 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         # of the step alone: --resume needs no scheduler state; the warm-up is the student's
         opts['student'].param_groups[0]['lr'] = cfg.lr_student * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup or None)
         opts['lora'].param_groups[0]['lr'] = cfg.lr_lora * lr_factor(cfg.lr_schedule, step, cfg.steps)
-        info, kappa = vsd.pgsb_step(student_ddp, teacher_ddp, pipe.schedule, opts, draw, null, cfg, generator,
-                                    autocast, cfg.grad_clip, extra_terms if clip_loss or pairs else None)
+        info, kappa = vsd.pgsb_step(student_ddp, teacher_ddp, pipe.schedule, opts, draw, null, vsd.at_step(cfg, step),
+                                    generator, autocast, cfg.grad_clip, extra_terms if clip_loss or pairs else None)
         if ema is not None:
             lerp_ema(ema, student, cfg.ema, step)
         step += 1

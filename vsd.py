@@ -32,7 +32,7 @@ teacher gets no negative prompt, in its guided eps or its denoising loss.
 """
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -140,6 +140,8 @@ class VSDConfig:
     lora_kappa: float = option(0.0, "the LoRA teacher's guidance scale, overriding random_kappa for it when > 0; 1 is no guidance: the LoRA teacher then models the student's own conditional distribution, as DMD2's fake score does")
     t_min: int = option(20, 'VSD timesteps t ~ U{t_min..t_max}')
     t_max: int = option(980, 'upper end of the VSD timesteps')
+    t_anneal: int = option(0, "ProlificDreamer's timestep annealing: from this training step on, t ~ U{t_min..t_anneal_max}, the lower noise levels where edges are drawn (0: off)")
+    t_anneal_max: int = option(600, 'upper end of the VSD timesteps from step t_anneal on')
     student_t: int = option(-1, "the student's start timestep; -1 is the schedule's last (T - 1)")
     vsd_weight: str = option('swiftbrush', "the VSD gradient's weighting over t: swiftbrush (sigma_t^2 on the eps difference) or dmd (the x0 difference over the mean |x0 - teacher's x0|, DMD's normalisation)")
     null_prob: float = option(0.1, "share of prompts replaced by the null prompt in the LoRA teacher's loss")
@@ -170,6 +172,12 @@ def draw_kappa(cfg: VSDConfig, B, device, generator=None):
     rt, rl = RANDOM_KAPPA[cfg.random_kappa]
     lora = torch.full((B,), cfg.lora_kappa, device=device) if cfg.lora_kappa > 0 else kappa if rl else fixed
     return (kappa if rt else fixed), lora
+
+
+def at_step(cfg: VSDConfig, step):
+    """The settings of training step `step` (counted from 0): cfg itself, or, from step cfg.t_anneal
+    on, cfg with its timesteps' upper end lowered to cfg.t_anneal_max."""
+    return replace(cfg, t_max=cfg.t_anneal_max) if cfg.t_anneal and step >= cfg.t_anneal else cfg
 
 
 def student_generate(student, schedule, z, context, mask=None, start_t=-1, added=None, noise='unit'):

@@ -217,6 +217,23 @@ def test_vsd_loss_hands_each_teacher_its_kappa(setting, monkeypatch):
     assert torch.equal(kappa, k_frozen)
 
 
+@pytest.mark.parametrize('config', [vsd.VSDConfig, train.TrainConfig])
+def test_timestep_annealing_lowers_t_max_from_its_step(config, monkeypatch):
+    """at_step: the settings themselves before step t_anneal, from it on the same settings with t_max
+    lowered to t_anneal_max, which vsd_loss then draws t within; off (t_anneal 0) at any step."""
+    cfg = config(t_min=20, t_max=980, t_anneal=3, t_anneal_max=100, kappa_max=3.0)
+    assert vsd.at_step(cfg, 2) is cfg and vsd.at_step(config(), 10 ** 6).t_max == 980
+    late = vsd.at_step(cfg, 3)
+    assert type(late) is config and (late.t_min, late.t_max, late.kappa_max, late.t_anneal) == (20, 100, 3.0, 3)
+    net, seen, real = tiny('tiny_unet'), [], vsd.guided_eps
+    monkeypatch.setattr(vsd, 'guided_eps', lambda n, s, x_t, t, *a: seen.append(t) or real(n, s, x_t, t, *a))
+    cond, null = texts('tiny_unet', B=64)
+    for c in (cfg, late):
+        vsd.vsd_loss(net, schedule('sd'), torch.randn(64, 4, 16, 16), cond, null, c, torch.Generator().manual_seed(0))
+    early_t, late_t = seen[::2]  # the frozen teacher's t; the LoRA teacher's is the same
+    assert early_t.min() >= 20 and early_t.max() > 100 and late_t.min() >= 20 and late_t.max() <= 100
+
+
 # -----------------------------------------------------------------------------
 # The one-step student and the schedule
 
