@@ -2,18 +2,20 @@
 # The paper's two training experiments rerun in the shapes world (README, "The paper's training experiments"):
 #   Figure 2: Frechet distance over training, fixed kappa (SwiftBrush) vs random kappa (PG-SB), 3 seeds.
 #   Table 2:  random kappa on neither teacher, the frozen one, the LoRA one, both, 3 seeds.
-# Each run is the shapes preset (shipped teacher) at STEPS steps, a checkpoint kept every 25 steps;
-# `shapes.py curve` then scores every checkpoint in one step at n=256. Runs go two at a time, one
-# thread each: on 2 cores that is ~20% faster than one after the other at two threads (the thread
-# count changes the rounding, so a run is reproduced bit for bit only at the same count).
-# Six pairs of 1-thread runs (about 33 min a pair at 300 steps on 2 cores). STEPS, OUT, TEACHER and EXTRA
-# (more train.py flags) override the defaults; TABLE2=0 runs Figure 2 alone (three pairs).
+# Each run is PRESET (default shapes_pgsb: the paper's PG-SB, which the README's tables ran) at STEPS
+# steps, a checkpoint kept every 25 steps; `shapes.py curve` then scores every checkpoint in one step
+# at n=256. Runs go two at a time, one thread each: on 2 cores that is ~20% faster than one after the
+# other at two threads (the thread count changes the rounding, so a run is reproduced bit for bit only
+# at the same count).
+# Six pairs of 1-thread runs (about 33 min a pair at 300 steps on 2 cores). STEPS, OUT, TEACHER, PRESET and
+# EXTRA (more train.py flags) override the defaults; TABLE2=0 runs Figure 2 alone (three pairs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-300}
 OUT=${OUT:-runs/exp}
 TEACHER=${TEACHER:-checkpoints/shapes_teacher}
-COMMON="--preset shapes --teacher $TEACHER --steps $STEPS --save-every 25 --keep 100 --val-every 0 ${EXTRA:-}"
+PRESET=${PRESET:-shapes_pgsb}
+COMMON="--preset $PRESET --teacher $TEACHER --steps $STEPS --save-every 25 --keep 100 --val-every 0 ${EXTRA:-}"
 mkdir -p "$OUT"
 
 pair() {  # pair SEED KAPPA_A KAPPA_B: the two runs side by side

@@ -2,12 +2,13 @@
 # The shapes preset, unchanged, on seeds 0, 1, 2, each three ways: 2 threads, 1 thread, and
 # --channels-last (1 thread). The rounding differs between the three, so each is another run of
 # the same recipe; the recipe counts only if all nine students pass with their last checkpoint.
-# 1-thread runs go two at a time (same seed, plain and channels-last); 2-thread runs alone. Then `shapes.py curve --last` scores each
-# run's final student against the teacher. OUT and EXTRA (more train.py flags) override the defaults.
+# 1-thread runs go two at a time (same seed, plain and channels-last); 2-thread runs alone. Then
+# `shapes.py curve` scores every checkpoint of each run against the teacher: the bars hold for the last
+# one, the empty share for every one from step 50 on. OUT and EXTRA (more train.py flags) override the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/robust}
-COMMON="--preset shapes --val-every 0 ${EXTRA:-}"
+COMMON="--preset shapes --val-every 0 --keep 100 ${EXTRA:-}"
 mkdir -p "$OUT"
 
 run() {  # run NAME THREADS SEED [FLAGS...]: one preset run, skipped when its student exists
@@ -22,4 +23,4 @@ for seed in 0 1 2; do
   run t1 1 "$seed" & run cl 1 "$seed" --channels-last & wait
   run t2 2 "$seed"
 done
-python shapes.py curve --last $OUT/t2-s{0,1,2} $OUT/t1-s{0,1,2} $OUT/cl-s{0,1,2} --json $OUT/robust.json
+python shapes.py curve $OUT/t2-s{0,1,2} $OUT/t1-s{0,1,2} $OUT/cl-s{0,1,2} --json $OUT/robust.json

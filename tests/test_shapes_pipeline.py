@@ -45,7 +45,7 @@ def test_teacher_then_student_train_a_few_steps(tmp_path, monkeypatch):
 
     proc = run_script('train.py', '--preset', 'shapes', '--teacher', tmp_path / 'teacher_run' / 'teacher',
                       '--steps', '2', '--batch-size', '4', '--out', tmp_path / 'student_run', '--val-every', '2',
-                      '--save-every', '1', timeout=300)
+                      '--save-every', '1', '--regression-pairs', '3', '--regression-steps', '2', timeout=300)
     assert proc.returncode == 0, proc.stderr
     student = M.load_checkpoint(tmp_path / 'student_run' / 'student')
     assert student.student_t == student.schedule.T - 1
@@ -63,7 +63,7 @@ def test_teacher_then_student_train_a_few_steps(tmp_path, monkeypatch):
     assert [p['step'] for p in run] == [1, 2] and [p['step'] for p in final] == [None]
     for point in run + final:
         assert_scores(point)
-    # The final student is the run's last checkpoint (no EMA): the same images, the same numbers.
+    # The final student is the run's last checkpoint (its EMA): the same images, the same numbers.
     assert final[0]['per_prompt_accuracy'] == run[-1]['per_prompt_accuracy']
     assert final[0]['histograms'] == run[-1]['histograms']
     assert 'Teacher (2 DDIM steps, CFG 3.0, n=18)' in proc.stdout
@@ -111,7 +111,7 @@ def test_the_dit_teacher_trains_samples_and_distills_with_nasa_t(tmp_path):
     out = tmp_path / 'dit_student'
     train.main(['--preset', 'shapes', '--teacher', str(tmp_path / 'dit' / 'teacher'), '--lora-targets', 'to_q,to_v',
                 '--steps', '2', '--batch-size', '2', '--out', str(out), '--val-every', '0', '--log-every', '1',
-                '--nasa-train', '--negative-prompts', str(ROOT / 'checkpoints' / 'shapes_negatives.txt')])
+                '--regression-pairs', '3', '--regression-steps', '2', '--nasa-train', '--negative-prompts', str(ROOT / 'checkpoints' / 'shapes_negatives.txt')])
     records = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r['vsd']) and 0 <= r['nasa_alpha'] <= 1 for r in records)
     assert isinstance(M.load_checkpoint(out / 'student').denoiser, M.DiT)

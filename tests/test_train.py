@@ -17,7 +17,9 @@ STEP_TIMEOUT = 240  # a CI machine can be slow; a few tiny steps take seconds
 
 
 def train_args(teacher, prompts, out, steps, *extra):
-    return ['--teacher', teacher, '--prompts', prompts, '--out', out, '--steps', steps, '--batch-size', 2,
+    """PG-SB as the paper has it (the shapes_pgsb preset's settings) on a tiny teacher, unless extra
+    names another preset."""
+    return ['--preset', 'shapes_pgsb', '--teacher', teacher, '--prompts', prompts, '--out', out, '--steps', steps, '--batch-size', 2,
             '--log-every', 1, '--val-every', 0, *extra]
 
 
@@ -252,6 +254,30 @@ def test_resume_gives_the_same_run(unet_run, unet_teacher, prompt_file, tmp_path
     b = load_file(str(out / 'checkpoints' / 'step-0000004' / 'state.safetensors'))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     a, b = (load_file(str(o / 'student' / 'denoiser.safetensors')) for o in (unet_run, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_shapes_recipe_resumes_to_the_same_run(unet_teacher, prompt_file, tmp_path):
+    """The shapes preset (train.py's default: unguided LoRA teacher on fresh samples, DMD's weighting,
+    the regression term on cached teacher pairs, warm-up, EMA) stopped after 2 steps and resumed to 4
+    ends where 4 straight steps end, to the bit; the pairs are drawn once and read back on resume."""
+    runs = {}
+    for name, stops in (('straight', [4]), ('resumed', [2, 4])):
+        out = runs[name] = tmp_path / name
+        for i, steps in enumerate(stops):
+            args = ['--teacher', unet_teacher, '--prompts', prompt_file, '--out', out, '--steps', steps,
+                    '--batch-size', 2, '--log-every', 1, '--val-every', 0, '--save-every', 2,
+                    '--regression-pairs', 3, '--regression-steps', 2, *(['--resume'] if i else [])]
+            run_train(*args)
+    straight, resumed = (read_log(o) for o in runs.values())
+    assert [r['step'] for r in resumed] == [1, 2, 3, 4]
+    assert all(math.isfinite(r['regression']) for r in straight)
+    keys = ('step', 'vsd', 'lora', 'kappa', 'regression')
+    assert [{k: r[k] for k in keys} for r in straight] == [{k: r[k] for k in keys} for r in resumed]
+    cfg = train.parse_args([])
+    assert (cfg.lora_kappa, cfg.vsd_weight, cfg.lora_fresh, cfg.ema) == (1.0, 'dmd', True, 0.99)
+    a, b = (load_file(str(o / 'checkpoints' / 'step-0000004' / 'state.safetensors')) for o in runs.values())
+    assert a.keys() == b.keys() and any(k.startswith('ema.') for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
