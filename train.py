@@ -3,6 +3,7 @@ Distill a multi-step teacher into a one-step student with PG-SB (SNOOPI's Proper
 SwiftBrush; the objective and the step are in vsd.py).
 
     python train.py                                          # the shapes world, on the CPU
+    python train.py --preset shapes_pgsb                     # the same with PG-SB as the paper has it
     torchrun --nproc_per_node=8 train.py --preset sd21 --teacher CKPT --prompts prompts.txt
 
 The same script runs alone and under torchrun (NCCL on CUDA, gloo on the CPU); --batch-size is the
