@@ -7,8 +7,8 @@
 # at n=256. Runs go two at a time, one thread each: on 2 cores that is ~20% faster than one after the
 # other at two threads (the thread count changes the rounding, so a run is reproduced bit for bit only
 # at the same count).
-# Six pairs of 1-thread runs (about 33 min a pair at 300 steps on 2 cores). STEPS, OUT, TEACHER, PRESET and
-# EXTRA (more train.py flags) override the defaults; TABLE2=0 runs Figure 2 alone (three pairs).
+# Six pairs of 1-thread runs (about 33 min a pair at 300 steps on 2 cores). STEPS, OUT, TEACHER,
+# PRESET and EXTRA (more train.py flags) override the defaults; TABLE2=0 runs Figure 2 alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-300}

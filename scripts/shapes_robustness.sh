@@ -4,7 +4,8 @@
 # the same recipe; the recipe counts only if all nine students pass with their last checkpoint.
 # 1-thread runs go two at a time (same seed, plain and channels-last); 2-thread runs alone. Then
 # `shapes.py curve` scores every checkpoint of each run against the teacher: the bars hold for the last
-# one, the empty share for every one from step 50 on. OUT and EXTRA (more train.py flags) override the defaults.
+# one, the empty share for every one from step 50 on. OUT and EXTRA (more train.py flags) override
+# the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/robust}

@@ -111,7 +111,8 @@ def test_the_dit_teacher_trains_samples_and_distills_with_nasa_t(tmp_path):
     out = tmp_path / 'dit_student'
     train.main(['--preset', 'shapes', '--teacher', str(tmp_path / 'dit' / 'teacher'), '--lora-targets', 'to_q,to_v',
                 '--steps', '2', '--batch-size', '2', '--out', str(out), '--val-every', '0', '--log-every', '1',
-                '--regression-pairs', '3', '--regression-steps', '2', '--nasa-train', '--negative-prompts', str(ROOT / 'checkpoints' / 'shapes_negatives.txt')])
+                '--regression-pairs', '3', '--regression-steps', '2', '--nasa-train', '--negative-prompts',
+                str(ROOT / 'checkpoints' / 'shapes_negatives.txt')])
     records = [json.loads(l) for l in (out / 'log.jsonl').read_text().splitlines()]
     assert len(records) == 2 and all(math.isfinite(r['vsd']) and 0 <= r['nasa_alpha'] <= 1 for r in records)
     assert isinstance(M.load_checkpoint(out / 'student').denoiser, M.DiT)

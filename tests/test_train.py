@@ -19,8 +19,8 @@ STEP_TIMEOUT = 240  # a CI machine can be slow; a few tiny steps take seconds
 def train_args(teacher, prompts, out, steps, *extra):
     """PG-SB as the paper has it (the shapes_pgsb preset's settings) on a tiny teacher, unless extra
     names another preset."""
-    return ['--preset', 'shapes_pgsb', '--teacher', teacher, '--prompts', prompts, '--out', out, '--steps', steps, '--batch-size', 2,
-            '--log-every', 1, '--val-every', 0, *extra]
+    return ['--preset', 'shapes_pgsb', '--teacher', teacher, '--prompts', prompts, '--out', out, '--steps', steps,
+            '--batch-size', 2, '--log-every', 1, '--val-every', 0, *extra]
 
 
 def run_train(*args, launcher=()):
