@@ -265,10 +265,8 @@ def test_the_shapes_recipe_resumes_to_the_same_run(unet_teacher, prompt_file, tm
     for name, stops in (('straight', [4]), ('resumed', [2, 4])):
         out = runs[name] = tmp_path / name
         for i, steps in enumerate(stops):
-            args = ['--teacher', unet_teacher, '--prompts', prompt_file, '--out', out, '--steps', steps,
-                    '--batch-size', 2, '--log-every', 1, '--val-every', 0, '--save-every', 2,
-                    '--regression-pairs', 3, '--regression-steps', 2, *(['--resume'] if i else [])]
-            run_train(*args)
+            run_train(*train_args(unet_teacher, prompt_file, out, steps, '--preset', 'shapes', '--save-every', 2,
+                                  '--regression-pairs', 3, '--regression-steps', 2, *(['--resume'] if i else [])))
     straight, resumed = (read_log(o) for o in runs.values())
     assert [r['step'] for r in resumed] == [1, 2, 3, 4]
     assert all(math.isfinite(r['regression']) for r in straight)
