@@ -9,6 +9,8 @@
 # at the same count).
 # Six pairs of 1-thread runs (about 33 min a pair at 300 steps on 2 cores). STEPS, OUT, TEACHER,
 # PRESET and EXTRA (more train.py flags) override the defaults; TABLE2=0 runs Figure 2 alone.
+# With PRESET=shapes (the shipped recipe, whose LoRA teacher is unguided) Table 2's settings fold into
+# Figure 2's two arms (lora = none, teacher = both): run it with TABLE2=0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${STEPS:-300}
