@@ -1122,6 +1122,8 @@ def main(argv=None):
     sw.add_argument("--steps", type=int, default=10, help="DDIM steps of --guidance cfg")
     sw.add_argument("--nag-tau", type=float, default=2.5, help="NAG's bound on the norm ratio")
     sw.add_argument("--nag-alpha", type=float, default=0.375, help="NAG's blend with the positive features")
+    sw.add_argument("--nasa-layers", default="",
+                    help="comma-separated substrings of the cross-attention layers NASA or NAG acts in ('': all)")
     sw.add_argument("--n", type=int, default=64, help="images per pair and scale")
     sw.add_argument("--seed", type=int, default=0, help="seed of the sweep (pair i at seed + i)")
     sw.add_argument("--json", default="", help="also write the rows to this JSON file")
@@ -1168,7 +1170,9 @@ def main(argv=None):
             pipe = sample.load(args.student)
             generate = lambda prompts, negs, kappa, seed: pipe_sampler(pipe, args.steps, kappa)(prompts, negs, 0.0, seed)
         else:
-            generate = sampler(args.student, nag=(args.nag_tau, args.nag_alpha) if args.guidance == "nag" else None)
+            layers = args.nasa_layers.split(",") if args.nasa_layers else None
+            generate = sampler(args.student, layers=layers,
+                               nag=(args.nag_tau, args.nag_alpha) if args.guidance == "nag" else None)
         rows = negative_sweep(generate, args.scales, args.n, args.seed)
         print(format_sweep(rows, args.guidance))
         _write_json(args.json, rows)
@@ -1247,6 +1251,8 @@ def check_args(args):
             cli.number("--scales", v, low=0 if args.guidance == "nasa" else 1, fix=off.get(args.guidance, ""))
         if args.guidance == "cfg":
             cli.number("--steps", args.steps, low=2, fix="CFG needs a multi-step teacher; one step is the student's")
+            if args.nasa_layers:
+                raise cli.UserError("--nasa-layers applies to NASA and NAG in one step; drop it with --guidance cfg")
         if args.guidance == "nag":
             cli.number("--nag-tau", args.nag_tau, low=0, low_open=True)
             cli.number("--nag-alpha", args.nag_alpha, low=0, high=1)

@@ -283,6 +283,10 @@ def test_shapes_bad_input(tmp_path):
          'CFG needs a multi-step teacher'),
         (['sweep', 'checkpoints/shapes_teacher', '--guidance', 'cfg', '--scales', '0.5'], '--scales',
          'at CFG 1 the negative prompt has no weight'),
+        (['sweep', 'checkpoints/shapes_teacher', '--guidance', 'cfg', '--nasa-layers', 'mid_block'], '--nasa-layers',
+         'drop it with --guidance cfg'),
+        (['sweep', 'checkpoints/shapes_student', '--nasa-layers', 'attn9', '--scales', '0.3'], 'attn9',
+         'no cross-attention layer matches'),
     ]
     for args, names, expected in cases:
         line = main_error(shapes.main, *args)

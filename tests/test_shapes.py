@@ -264,6 +264,21 @@ def test_sweep_of_a_teacher_along_cfg(monkeypatch, tmp_path):
     assert [r["scale"] for r in rows] == [1.0, 4.5] and all(r["success"] == 1.0 for r in rows)
 
 
+def test_sweep_restricts_nasa_to_the_named_layers(monkeypatch):
+    """--nasa-layers reaches the sampler as a list of substrings ('' = every layer), for NASA and NAG."""
+    seen = []
+
+    def spy_sampler(checkpoint, layers=None, nag=None):
+        seen.append((checkpoint, layers, nag))
+        return ideal_generator
+    monkeypatch.setattr(shapes, "sampler", spy_sampler)
+    shapes.main(["sweep", "checkpoints/shapes_student", "--scales", "0.3", "--n", "4",
+                 "--nasa-layers", "mid_block,up_blocks.1."])
+    shapes.main(["sweep", "checkpoints/shapes_student", "--guidance", "nag", "--scales", "3", "--n", "4"])
+    assert seen == [("checkpoints/shapes_student", ["mid_block", "up_blocks.1."], None),
+                    ("checkpoints/shapes_student", None, (2.5, 0.375))]
+
+
 def test_evaluate_red_circle_generator():
     results = shapes.evaluate(None, red_circle_generator, n=144, seed=0)
     assert results["teacher"] is None
