@@ -161,11 +161,17 @@ class SpatialTransformer(nn.Module):
         super().__init__()
         self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
         proj = (lambda: nn.Linear(ch, ch)) if linear_proj else (lambda: nn.Conv2d(ch, ch, 1))
-        self.proj_in, self.proj_out = proj(), proj()
+        self.proj_in, self.proj_out, self.linear_proj = proj(), proj(), linear_proj
         self.transformer_blocks = nn.ModuleList([TransformerBlock(ch, heads, context_dim) for _ in range(depth)])
 
-    def _proj(self, layer, x):  # 1x1 conv and linear are the same map; apply either to (B, HW, C)
-        return layer(x) if isinstance(layer, nn.Linear) else F.linear(x, layer.weight[:, :, 0, 0], layer.bias)
+    def _proj(self, layer, x):
+        """1x1 conv and linear are the same map; apply either to (B, HW, C). A 1x1 conv wrapped in an
+        adapter (vsd.LoRA, whose down projection is a conv too) runs as a conv on (B, C, HW, 1)."""
+        if isinstance(layer, nn.Conv2d):
+            return F.linear(x, layer.weight[:, :, 0, 0], layer.bias)
+        if self.linear_proj:
+            return layer(x)
+        return layer(x.transpose(1, 2).unsqueeze(-1)).squeeze(-1).transpose(1, 2)
 
     def forward(self, x, context, mask=None):
         B, C, H, W = x.shape

@@ -127,6 +127,28 @@ def test_lora_conv_is_base_plus_scaled_low_rank_convolution():
     torch.testing.assert_close(lora(x), base(x) + 2.0 * low_rank)
 
 
+@pytest.mark.parametrize('linear_proj', [False, True])
+def test_lora_on_the_transformer_projections(linear_proj):
+    """proj_in / proj_out are 1x1 convs (SD1.5, the shapes UNet) or linear layers (SD2.1): adapters on
+    either start as the base function and then change it."""
+    from dataclasses import replace
+    net = seeded(0, M.build, replace(M.PRESETS['tiny_unet'], linear_proj=linear_proj)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([5, 900])
+    (c, cm), _ = texts('tiny_unet')
+    with torch.no_grad():
+        before = net(x, t, c, cm)
+        vsd.add_lora(net, rank=2, alpha=4, targets=('proj_in', 'proj_out'))
+        projs = [p for m in net.modules() if isinstance(m, M.SpatialTransformer) for p in (m.proj_in, m.proj_out)]
+        assert projs and all(isinstance(p, vsd.LoRA) for p in projs)  # (the feed-forwards' proj_in/out too)
+        assert all(isinstance(p.base, nn.Linear if linear_proj else nn.Conv2d) for p in projs)
+        assert torch.equal(net(x, t, c, cm), before)
+        perturb_lora(net)
+        assert not torch.allclose(net(x, t, c, cm), before, atol=1e-4)
+        with vsd.lora_disabled(net):
+            assert torch.equal(net(x, t, c, cm), before)
+
+
 def test_lora_targets_reach_the_resnet_convolutions():
     net = tiny('tiny_unet')
     n_res = sum(isinstance(m, M.ResBlock) for m in net.modules())
