@@ -1104,7 +1104,8 @@ def main(argv=None):
     ev.add_argument("--teacher-cfg", type=float, default=3.0, help="guidance scale for the teacher")
     ev.add_argument("--nasa-scale", type=float, default=nasa.PAPER_ALPHA["shapes"],
                     help="NASA alpha for the negative-prompt rows")
-    ev.add_argument("--nasa-layers", default="",
+    layer_list = lambda v: v.split(",") if v else None  # argparse applies it to the '' default too
+    ev.add_argument("--nasa-layers", default="", type=layer_list,
                     help="comma-separated substrings of the cross-attention layers NASA acts in ('': all)")
     ev.add_argument("--n", type=int, default=256,
                     help="images per figure: n // 18 per colour-and-shape prompt, ceil(n / 9) per prompt that "
@@ -1122,7 +1123,7 @@ def main(argv=None):
     sw.add_argument("--steps", type=int, default=10, help="DDIM steps of --guidance cfg")
     sw.add_argument("--nag-tau", type=float, default=2.5, help="NAG's bound on the norm ratio")
     sw.add_argument("--nag-alpha", type=float, default=0.375, help="NAG's blend with the positive features")
-    sw.add_argument("--nasa-layers", default="",
+    sw.add_argument("--nasa-layers", default="", type=layer_list,
                     help="comma-separated substrings of the cross-attention layers NASA or NAG acts in ('': all)")
     sw.add_argument("--n", type=int, default=64, help="images per pair and scale")
     sw.add_argument("--seed", type=int, default=0, help="seed of the sweep (pair i at seed + i)")
@@ -1157,8 +1158,7 @@ def main(argv=None):
     elif args.command == "evaluate":
         torch.manual_seed(args.seed)
         teacher = sampler(args.teacher, args.teacher_steps, args.teacher_cfg) if args.teacher else None
-        layers = args.nasa_layers.split(",") if args.nasa_layers else None
-        results = evaluate(teacher, sampler(args.student, layers=layers), n=args.n, seed=args.seed,
+        results = evaluate(teacher, sampler(args.student, layers=args.nasa_layers), n=args.n, seed=args.seed,
                            nasa_scale=args.nasa_scale)
         print(format_report(results))
         _write_json(args.json, results)
@@ -1170,8 +1170,7 @@ def main(argv=None):
             pipe = sample.load(args.student)
             generate = lambda prompts, negs, kappa, seed: pipe_sampler(pipe, args.steps, kappa)(prompts, negs, 0.0, seed)
         else:
-            layers = args.nasa_layers.split(",") if args.nasa_layers else None
-            generate = sampler(args.student, layers=layers,
+            generate = sampler(args.student, layers=args.nasa_layers,
                                nag=(args.nag_tau, args.nag_alpha) if args.guidance == "nag" else None)
         rows = negative_sweep(generate, args.scales, args.n, args.seed)
         print(format_sweep(rows, args.guidance))
