@@ -1074,6 +1074,11 @@ def main(argv=None):
     negs = command("negatives", "write NASA-T's negative prompts of the world to OUT, one per line: each colour "
                                 "and each shape (for train.py --nasa-train --negative-prompts OUT)")
     negs.add_argument("out", help="text file to write")
+    real = command("real-images", "write n real images of the world to OUT, a safetensors file whose 'images' "
+                                  "tensor is uint8 (n, 32, 32, 3) (for train.py --gan-weight --real-images OUT)")
+    real.add_argument("out", help="safetensors file to write")
+    real.add_argument("--n", type=int, default=4096, help="images")
+    real.add_argument("--seed", type=int, default=1, help="seed of the images")
     tt = command("train-teacher", "train the world's teacher from scratch (plain denoising); writes OUT/teacher")
     tt.add_argument("--out", default="runs/shapes_teacher", help="output folder: checkpoints/, log.jsonl, teacher/")
     tt.add_argument("--steps", type=int, default=2400, help="training steps")
@@ -1187,6 +1192,11 @@ def main(argv=None):
     elif args.command == "negatives":
         write_negatives(args.out)
         print(f"wrote {len(negative_prompts())} negative prompts to {args.out}")
+    elif args.command == "real-images":
+        from safetensors.torch import save_file
+        images, _ = sample_world(args.n, args.seed)
+        save_file({"images": torch.from_numpy(images)}, args.out)
+        print(f"wrote {args.n} real images to {args.out}")
     elif args.command == "prompts":
         write_prompts(args.out)
         print(f"wrote {len(world_captions())} prompts to {args.out}")
@@ -1298,6 +1308,9 @@ def check_args(args):
             raise cli.UserError(f"OUT {args.out} does not end in an image format Pillow writes (end it with .png)")
         cli.writable_file("OUT", args.out)
     if args.command in ("prompts", "negatives"):
+        cli.writable_file("OUT", args.out)
+    if args.command == "real-images":
+        cli.number("--n", args.n, low=1)
         cli.writable_file("OUT", args.out)
 
 

@@ -58,6 +58,8 @@ class TrainConfig(vsd.VSDConfig):
     frozen_bf16: bool = option(True, "with CUDA, hold the frozen networks' weights in bf16: the teacher's base, the VAE's and CLIP's linear and convolution weights (hold_bf16: the same numbers under autocast), the text encoders whole; the trained ones (student, LoRA adapters) stay fp32, and the CPU keeps fp32 throughout")
     channels_last: bool = option(False, 'convolution weights and activations in NHWC order (faster convolutions on CPUs)')
     clip: str = option('', 'CLIP folder (transformers CLIPModel) for the clamped CLIP loss')
+    real_images: str = option('', "for --gan-weight: safetensors file whose 'images' tensor holds real images, uint8 (N, H, W, 3) at the student's image size (python shapes.py real-images OUT writes the shapes world's)")
+    lr_gan: float = option(1e-3, "learning rate of the GAN term's classifier head (the LoRA teacher's layers under it learn at --lr-lora)")
     save_every: int = option(500, 'write a resumable checkpoint every N steps')
     keep: int = option(2, 'keep the last K checkpoints')
     log_every: int = option(10, 'append losses and kappa to log.jsonl every N steps')
@@ -136,6 +138,7 @@ RANGES = {
     'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'nasa_alpha_max': dict(low=0),
     'regression_weight': dict(low=0), 'regression_pairs': dict(low=1), 'regression_steps': dict(low=1),
     'regression_cfg': dict(low=0), 'regression_decay': dict(low=0), 'regression_pool': dict(low=1),
+    'gan_weight': dict(low=0), 'gan_d_weight': dict(low=0), 'lr_gan': dict(low=0, low_open=True),
 }
 
 
@@ -160,6 +163,11 @@ def check_config(cfg):
         raise cli.UserError("--nasa-train needs --negative-prompts FILE (one negative prompt per line)")
     if cfg.negative_prompts and not cfg.nasa_train:
         raise cli.UserError("--negative-prompts applies to --nasa-train (pass --nasa-train, or drop --negative-prompts)")
+    if cfg.gan_weight > 0 and not cfg.real_images:
+        raise cli.UserError("--gan-weight needs --real-images FILE (real images for its classifier; python shapes.py "
+                            "real-images OUT writes the shapes world's)")
+    if cfg.real_images and not cfg.gan_weight > 0:
+        raise cli.UserError("--real-images applies to the GAN term (pass --gan-weight W > 0, or drop --real-images)")
     if cfg.clip_weight > 0 and not cfg.clip:
         cli.warn('train.py', f"--clip-weight {cfg.clip_weight} without --clip: no CLIP loss (pass --clip DIR for it)")
     if cfg.device:
@@ -539,6 +547,47 @@ def teacher_pairs(teacher, schedule, ctx, ctx_mask, ctx_added, null, cfg, rank, 
     return pairs
 
 
+def read_real_images(path):
+    """The --real-images file's 'images': uint8 (N, H, W, 3), checked before the slow loads."""
+    if not Path(path).is_file():
+        raise cli.UserError(f"--real-images {path} not found (python shapes.py real-images OUT writes the shapes "
+                            "world's)")
+    images = M.read_safetensors(path)[0].get('images')
+    if images is None or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        got = 'no images tensor' if images is None else f"images {images.dtype} {tuple(images.shape)}"
+        raise cli.UserError(f"--real-images {path} holds {got}: it needs 'images', uint8 (N, H, W, 3)")
+    return images
+
+
+def real_latents(images, path, vae, size, device, batch=64):
+    """Real images in the student's space: in [-1, 1], through the VAE's encoder (its posterior mean; the
+    identity for pixel-space models), at the student's size or a clean error."""
+    x = images.permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(x[i:i + batch].to(device), generator=False).float()
+                             for i in range(0, len(x), batch)])
+    if latents.shape[-1] != size or latents.shape[-2] != size:
+        raise cli.UserError(f"--real-images {path}: its {images.shape[2]}x{images.shape[1]} images make "
+                            f"{latents.shape[-1]}x{latents.shape[-2]} latents, the student draws {size}x{size} "
+                            "(write the images at the student's image size)")
+    return latents
+
+
+def make_gan(cfg, teacher, real, null, device):
+    """DMD2's GAN term (vsd.GAN): its classifier head on the LoRA teacher's --gan-layer, sized by a probe
+    forward, and the real images (latents) it draws from."""
+    layer = cfg.gan_layer or vsd.bottleneck(teacher)
+    try:
+        probe = vsd.layer_features(teacher, layer, real[:1], torch.zeros(1, dtype=torch.long, device=device),
+                                   tuple(None if u is None else u[:1] for u in null))
+    except (AttributeError, ValueError) as e:
+        raise cli.UserError(f"--gan-layer {layer}: {cli.one_line(e)} (name a module of the teacher, such as "
+                            f"{vsd.bottleneck(teacher)})") from None
+    channels = probe.shape[1] if probe.ndim == 4 else probe.shape[-1]
+    draw = lambda n, g: real[torch.randint(len(real), (n,), generator=g, device=device).cpu()].to(device)
+    return vsd.GAN(layer, channels, draw).to(device)
+
+
 def whole_student(student, device):
     """An unsharded copy of an FSDP student (every rank gathers it; rank 0 uses it)."""
     state = {k: vsd.whole(v.detach()) for k, v in student.state_dict().items()}
@@ -594,10 +643,14 @@ def main(argv=None):
         raise cli.UserError("--prompts FILE is required (one prompt per line)")
     prompts = read_prompts(cfg.prompts)  # before the slow loads
     negatives = read_prompts(cfg.negative_prompts, '--negative-prompts', 'negative prompt') if cfg.nasa_train else None
+    real = read_real_images(cfg.real_images) if cfg.gan_weight > 0 else None
     out = Path(cfg.out)
     cli.not_an_input('--out', out, [('the teacher', cfg.teacher), ('the prompt file', cfg.prompts),
                                     ('the negative prompt file', cfg.negative_prompts)])
     ddp, rank, world, device = setup_distributed(cfg.device)
+    if ddp and cfg.gan_weight > 0:
+        raise cli.UserError("--gan-weight runs in one process for now (its classifier reads the LoRA teacher outside "
+                            "DDP): run python train.py, or drop --gan-weight under torchrun")
     if cfg.batch_size % world:
         raise cli.UserError(f"--batch-size {cfg.batch_size} does not split over {world} ranks (pass a multiple of {world})")
     cli.writable_folder('--out', out)
@@ -610,13 +663,13 @@ def main(argv=None):
                             "or another --out)")
     lock_path = lock(out) if rank == 0 else None
     try:
-        train(cfg, prompts, out, ddp, rank, world, device, negatives)
+        train(cfg, prompts, out, ddp, rank, world, device, negatives, real)
     finally:
         if lock_path:
             unlock(lock_path)
 
 
-def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
+def train(cfg, prompts, out, ddp, rank, world, device, negatives=None, real=None):
     if rank == 0:
         tidy(out)
     B = cfg.batch_size // world
@@ -627,6 +680,8 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
 
     # --- set-up: teacher, student (a copy of the teacher), prompts, LoRA teacher, optimizers
     pipe = M.load_checkpoint(cfg.teacher, device)
+    if real is not None:  # the GAN term's real images in the student's space, through the VAE while it is fp32
+        real = real_latents(real, cfg.real_images, pipe.vae, pipe.denoiser.cfg.sample_size, device)
     if frozen_bf16:
         hold_bf16(pipe.denoiser)
         hold_bf16(pipe.vae)
@@ -679,9 +734,13 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         shard_student(student)
     elif ddp:
         unit_boundaries(student)
+    gan = make_gan(cfg, teacher, real, null, device) if real is not None else None
+    lora_groups = [{'params': lora_params}] + ([{'params': list(gan.parameters()), 'lr': cfg.lr_gan}] if gan else [])
     opts = {'student': adamw(student.parameters(), device, lr=cfg.lr_student, weight_decay=cfg.weight_decay),
-            'lora': adamw(lora_params, device, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)}
+            'lora': adamw(lora_groups, device, lr=cfg.lr_lora, weight_decay=cfg.weight_decay)}
     trained = {'student': student, 'teacher': teacher}  # what a checkpoint holds (of the teacher: its adapters)
+    if gan is not None:
+        trained['gan'] = gan
     ema = None
     if cfg.ema > 0:
         ema = M.build(student.cfg).to(device).requires_grad_(False)
@@ -743,7 +802,7 @@ def train(cfg, prompts, out, ddp, rank, world, device, negatives=None):
         opts['student'].param_groups[0]['lr'] = cfg.lr_student * lr_factor(cfg.lr_schedule, step, cfg.steps, cfg.warmup or None)
         opts['lora'].param_groups[0]['lr'] = cfg.lr_lora * lr_factor(cfg.lr_schedule, step, cfg.steps)
         info, kappa = vsd.pgsb_step(student_ddp, teacher_ddp, pipe.schedule, opts, draw, null, vsd.at_step(cfg, step),
-                                    generator, autocast, cfg.grad_clip, extra_terms if clip_loss or pairs else None)
+                                    generator, autocast, cfg.grad_clip, extra_terms if clip_loss or pairs else None, gan)
         if ema is not None:
             lerp_ema(ema, student, cfg.ema, step)
         step += 1

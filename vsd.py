@@ -14,7 +14,9 @@ One step, per batch of text states c (and the null prompt's c0):
   3. LoRA teacher:  denoising loss on sg(x0) at t ~ U{0..T-1}       -> the LoRA adapters only
      (denoising_loss, on the network's own output, eps or v; the same function trains a teacher
      from scratch), K times per student step, on fresh samples if asked, so it keeps up.
-pgsb_step runs the three; train.py and bench.py both call it.
+pgsb_step runs the three; train.py and bench.py both call it. Optionally, DMD2's GAN term (GAN):
+a classifier on the LoRA teacher's features tells real images from the student's, and the student
+learns to fool it.
 Two properties of the objective (README, "The shapes world"): the update is linear in kappa, so a
 random kappa has the expectation of the fixed kappa at its mean and changes only the update's
 variance; and with the same kappa on both teachers and a LoRA teacher that models the student
@@ -157,6 +159,9 @@ class VSDConfig:
     regression_cfg: float = option(3.0, "guidance scale of the teacher's pairs")
     regression_decay: int = option(0, 'steps over which the regression weight falls linearly to 0, leaving VSD alone to sharpen what the pairs laid out (0: constant)')
     regression_pool: int = option(1, "compare the student's and the teacher's images averaged over KxK blocks (pixels or latents): the pairs fix the layout, VSD the edges (1: every pixel)")
+    gan_weight: float = option(0.0, "weight of DMD2's GAN term in the student's loss: a classifier on the LoRA teacher's features at --gan-layer tells real images from the student's, both noised (needs --real-images; 0: off)")
+    gan_d_weight: float = option(1e-2, "weight of the classifier's loss in the LoRA teacher's (DMD2's guidance_cls_loss_weight)")
+    gan_layer: str = option('', "the LoRA teacher's module whose output the classifier reads ('': its bottleneck, the UNet's mid_block.resnets.1 or the DiT's middle block)")
     lora_grad_checkpointing: bool = option(True, "recompute the teacher's activations in the LoRA teacher's backward pass (its frozen forwards keep none); the same numbers, less memory at the step's peak")
     free_student_grads: bool = option(True, "drop the student's gradients once it has stepped, before the LoRA teacher's update (the next step makes new ones); the same numbers, less memory")
 
@@ -251,6 +256,78 @@ def regression_loss(x0_student, x0_teacher, pool=1):
     return F.mse_loss(x0_student.float(), x0_teacher.float())
 
 
+# -----------------------------------------------------------------------------
+# DMD2's GAN term (optional)
+
+
+class StopForward(Exception):
+    """Raised by layer_features' hook, so the layers past the one read do not run."""
+
+
+def layer_features(net, layer, x_t, t, cond):
+    """The output of net's module `layer` (a dotted name) on a forward at x_t with cond, (context, mask)
+    or (context, mask, added); the forward stops there."""
+    got = []
+
+    def hook(module, args, out):
+        got.append(out)
+        raise StopForward
+    context, mask, *added = cond
+    handle = net.get_submodule(layer).register_forward_hook(hook)
+    try:
+        net(x_t, t, context, mask, *(a for a in added if a is not None))
+    except StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise ValueError(f"the network's forward does not run its module {layer!r}")
+    return got[0]
+
+
+def bottleneck(net):
+    """The module DMD2 puts its classifier on: the UNet's last mid-block layer, the DiT's middle block."""
+    if hasattr(net, 'mid_block'):
+        return 'mid_block.resnets.1'
+    return f'transformer_blocks.{len(net.transformer_blocks) // 2 - 1}'
+
+
+class GAN(nn.Module):
+    """DMD2's GAN term (arXiv 2405.14867): a classifier head on the fake score's features (the LoRA
+    teacher's, at one layer), on images noised at t ~ U{t_min..t_max}, real against the student's.
+    The student's loss gets softplus(-D(x0)) (the non-saturating generator loss), the gradient
+    reaching x0 through the LoRA teacher's layers; the LoRA teacher and the head get
+    softplus(D(x0)) + softplus(-D(real)) at each of their updates. Real images anchor what the
+    teacher's score alone leaves loose in a one-step student: sharp edges. The classifier reads the
+    null prompt's features, so it judges realism, not the prompt (the VSD term's job); it gives one
+    logit per position of the layer (a patch classifier). real(n, generator): n real images in the
+    student's space (latents for a latent model)."""
+
+    def __init__(self, layer, channels, real):
+        super().__init__()
+        self.layer, self.real = layer, real
+        self.head = nn.Sequential(nn.LayerNorm(channels), nn.Linear(channels, channels), nn.SiLU(),
+                                  nn.Linear(channels, 1))
+
+    def logits(self, net, schedule, x0, null, cfg, generator=None):
+        net, B = getattr(net, 'module', net), x0.shape[0]  # the network a DDP wrapper holds
+        t = torch.randint(cfg.t_min, cfg.t_max + 1, (B,), device=x0.device, generator=generator)
+        eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        cond = tuple(None if u is None else u.expand(B, *u.shape[1:]) for u in null)
+        feats = layer_features(net, self.layer, schedule.add_noise(x0, eps, t), t, cond)
+        feats = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats  # (B, positions, channels)
+        return self.head(feats.float()).squeeze(-1)
+
+    def generator_loss(self, net, schedule, x0, null, cfg, generator=None):
+        return F.softplus(-self.logits(net, schedule, x0, null, cfg, generator)).mean()
+
+    def discriminator_loss(self, net, schedule, x0, null, cfg, generator=None):
+        real = self.real(x0.shape[0], generator).to(x0.dtype)
+        fake_logits, real_logits = self.logits(net, schedule, torch.cat([x0.detach(), real]), null, cfg,
+                                               generator).chunk(2)
+        return F.softplus(fake_logits).mean() + F.softplus(-real_logits).mean()
+
+
 VSD_WEIGHTS = ('swiftbrush', 'dmd')
 LORA_LOSSES = ('native', 'swiftbrush')
 
@@ -341,7 +418,7 @@ def student_samples(student, schedule, z, cond, nasa_t, start_t):
 
 
 def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, generator=None,
-              autocast=contextlib.nullcontext, grad_clip=1.0, extra_loss=None):
+              autocast=contextlib.nullcontext, grad_clip=1.0, extra_loss=None, gan=None):
     """One PG-SB iteration: the student's VSD update (steps 1-2), then cfg.lora_updates updates of the
     LoRA teacher (step 3). draw() gives a batch (z, cond, prompts): noise, (context, mask) or
     (context, mask, added) (SDXL's pooled text and size ids, see denoise), texts; for NASA-T,
@@ -351,7 +428,8 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
     (weighted loss, {name: unweighted value}): a term added to the student's loss (SwiftBrush v2's
     CLIP loss, the teacher-pair regression) and what to log of it.
     The LoRA teacher fits the samples the student drew for its update, or, with cfg.lora_fresh,
-    each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples)."""
+    each time a new batch from the student just updated (DMD2 feeds its fake score fresh samples).
+    gan: a GAN (DMD2's GAN term, weighted by cfg.gan_weight and cfg.gan_d_weight), or None."""
     z, cond, prompts, nasa_t = unpack(draw())
     with autocast():
         x0 = student_samples(student, schedule, z, cond, nasa_t, cfg.student_t)
@@ -364,7 +442,11 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
             term, values = extra_loss(x0, prompts)
             info.update(values)
             loss = loss + term
-    optimizer_step(opts['student'], loss, grad_clip)
+        if gan is not None:
+            g_loss = gan.generator_loss(teacher, schedule, x0, null, cfg, generator)
+            info['gan_g'] = g_loss.detach()
+            loss = loss + cfg.gan_weight * g_loss
+    optimizer_step(opts['student'], loss, grad_clip)  # the LoRA teacher's gradients from gan_g: zeroed below
     if cfg.free_student_grads:
         opts['student'].zero_grad(set_to_none=True)
     for _ in range(cfg.lora_updates):
@@ -374,8 +456,13 @@ def pgsb_step(student, teacher, schedule, opts, draw, null, cfg: VSDConfig, gene
                 x0 = student_samples(student, schedule, z, cond, nasa_t, cfg.student_t)
         with autocast(), checkpointing(teacher, cfg.lora_grad_checkpointing):
             lora_loss = denoising_loss(teacher, schedule, x0, cond, null, cfg.null_prob, cfg.lora_loss, generator)
-        optimizer_step(opts['lora'], lora_loss, grad_clip)  # checkpointed blocks recompute here
         info['lora'] = lora_loss.detach()
+        if gan is not None:
+            with autocast():
+                d_loss = gan.discriminator_loss(teacher, schedule, x0, null, cfg, generator)
+            info['gan_d'] = d_loss.detach()
+            lora_loss = lora_loss + cfg.gan_d_weight * d_loss
+        optimizer_step(opts['lora'], lora_loss, grad_clip)  # checkpointed blocks recompute here
     return info, kappa
 
 

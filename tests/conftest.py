@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -137,4 +138,13 @@ def sdxl_teacher(tmp_path_factory):
 def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp('prompts') / 'prompts.txt'
     path.write_text('\n'.join(PROMPTS) + '\n')
+    return path
+
+
+def real_images(teacher, path, n=6, seed=0):
+    """n random uint8 images at the size a teacher's student draws, as --real-images reads them."""
+    pipe = M.load_checkpoint(teacher, text=False)
+    size = pipe.denoiser.cfg.sample_size * 2 ** (len(pipe.vae.cfg.channels) - 1)
+    g = torch.Generator().manual_seed(seed)
+    save_file({'images': torch.randint(0, 256, (n, size, size, 3), generator=g, dtype=torch.uint8)}, str(path))
     return path

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import bench
@@ -18,7 +19,7 @@ import model as M
 import sample
 import shapes
 import train
-from conftest import main_error
+from conftest import main_error, real_images
 
 
 def digest(folder):
@@ -138,6 +139,9 @@ def train_cases(tmp, teacher, prompts, broken):
     (tmp / 'a_file').write_text('x')
     (tmp / 'empty.txt').write_text('\n')
     (tmp / 'used' / 'checkpoints' / 'step-0000002').mkdir(parents=True)
+    save_file({'images': torch.zeros(2, 8, 8, 3)}, str(tmp / 'float.safetensors'))
+    save_file({'images': torch.zeros(2, 5, 5, 3, dtype=torch.uint8)}, str(tmp / 'small.safetensors'))
+    real_images(teacher, tmp / 'real.safetensors')
     return [
         ('batch size 0', [*args(), '--batch-size', 0], '--batch-size must be at least 1, got 0'),
         ('steps 0', [*args(), '--steps', 0], '--steps must be at least 1, got 0'),
@@ -169,6 +173,20 @@ def train_cases(tmp, teacher, prompts, broken):
         ('fsdp with ema', [*args(), '--fsdp', '--ema', 0.9], '--fsdp with --ema is not supported'),
         ('regression pool above the image', [*args(), '--regression-weight', 1, '--regression-pool', 999],
          '--regression-pool 999 is larger than the student'),
+        ('gan without real images', [*args(), '--gan-weight', 0.1], '--gan-weight needs --real-images FILE'),
+        ('real images without gan', [*args(), '--real-images', tmp / 'real.safetensors'],
+         '--real-images applies to the GAN term'),
+        ('missing real images', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'none.safetensors'],
+         f"--real-images {tmp / 'none.safetensors'} not found"),
+        ('truncated real images', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images',
+                                   broken['truncated'] / 'denoiser.safetensors'],
+         'a truncated safetensors file'),
+        ('real images as floats', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'float.safetensors'],
+         "holds images torch.float32 (2, 8, 8, 3): it needs 'images', uint8 (N, H, W, 3)"),
+        ('real images of another size', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'small.safetensors'],
+         'its 5x5 images make'),
+        ('unknown gan layer', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'real.safetensors',
+                               '--gan-layer', 'mid_block.nothing'], '--gan-layer mid_block.nothing'),
     ]
 
 
@@ -178,7 +196,9 @@ TRAIN_CASES = [
     'no cuda', 'out is a file', 'out under a file', 'out is the teacher', 'resume with nothing',
     'checkpoints without resume', 'missing teacher', 'truncated teacher', 'empty prompt file',
     'missing negative prompt file', 'empty negative prompt file', 'nasa-train without negatives',
-    'negatives without nasa-train', 'negative nasa alpha max', 'fsdp with ema', 'regression pool above the image']
+    'negatives without nasa-train', 'negative nasa alpha max', 'fsdp with ema', 'regression pool above the image',
+    'gan without real images', 'real images without gan', 'missing real images', 'truncated real images',
+    'real images as floats', 'real images of another size', 'unknown gan layer']
 
 
 @pytest.mark.parametrize('case', TRAIN_CASES)
@@ -272,6 +292,8 @@ def test_shapes_bad_input(tmp_path):
         (['make-text-encoder', tmp_path / 'te', '--hidden-size', 6], '--hidden-size', 'multiple of'),
         (['show', tmp_path / 'grid'], 'OUT', 'does not end in an image format'),
         (['prompts', tmp_path / 'a_file' / 'p.txt'], 'OUT', 'is a file, not a folder'),
+        (['real-images', tmp_path / 'r.safetensors', '--n', 0], '--n', 'must be at least 1'),
+        (['real-images', tmp_path / 'a_file' / 'r.safetensors'], 'OUT', 'is a file, not a folder'),
         (['sweep', tmp_path / 'nowhere'], 'the student', 'not found'),
         (['losses', 'checkpoints/shapes_teacher', tmp_path / 'nowhere'], 'nowhere', 'not found'),
         (['losses', 'checkpoints/shapes_teacher', '--n', 0], '--n', 'must be at least 1'),

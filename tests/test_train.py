@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import model as M
 import sample
 import train
-from conftest import PROMPTS, assert_clean_error, free_port, main_error, run_script, seeded
+from conftest import PROMPTS, assert_clean_error, free_port, main_error, real_images, run_script, seeded
 
 STEP_TIMEOUT = 240  # a CI machine can be slow; a few tiny steps take seconds
 
@@ -136,6 +136,30 @@ def test_regression_term_fits_the_frozen_teachers_ddim_pairs(unet_teacher, promp
     records = read_log(out)
     assert cache[0].stat().st_mtime_ns == stamp and len(records) == 3
     assert 'regression' not in records[2] and math.isfinite(records[2]['vsd'])
+
+
+def test_gan_term_trains_its_head_and_resumes_to_the_same_run(unet_teacher, prompt_file, tmp_path):
+    """--gan-weight on the shapes recipe: both of DMD2's GAN losses are logged each step, the classifier
+    head is in the checkpoint and moves, and a run stopped after 2 steps and resumed to 4 ends where 4
+    straight steps end, to the bit."""
+    real = real_images(unet_teacher, tmp_path / 'real.safetensors')
+    runs = {}
+    for name, stops in (('straight', [4]), ('resumed', [2, 4])):
+        out = runs[name] = tmp_path / name
+        for i, steps in enumerate(stops):
+            train.main([str(a) for a in train_args(
+                unet_teacher, prompt_file, out, steps, '--preset', 'shapes', '--save-every', 2, '--regression-weight', 0,
+                '--gan-weight', 0.1, '--real-images', real, *(['--resume'] if i else []))])
+    straight, resumed = (read_log(o) for o in runs.values())
+    assert all(0 < r['gan_g'] < 10 and 0 < r['gan_d'] < 10 for r in straight)
+    keys = ('step', 'vsd', 'lora', 'kappa', 'gan_g', 'gan_d')
+    assert [{k: r[k] for k in keys} for r in straight] == [{k: r[k] for k in keys} for r in resumed]
+    a, b, first = (load_file(str(o / 'checkpoints' / step / 'state.safetensors'))
+                   for o, step in ((runs['straight'], 'step-0000004'), (runs['resumed'], 'step-0000004'),
+                                   (runs['straight'], 'step-0000002')))
+    head = [k for k in a if k.startswith('gan.head.')]
+    assert head and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], first[k]) for k in head)
 
 
 def test_unknown_lora_target_is_a_clean_error(unet_teacher, prompt_file, tmp_path):

@@ -584,6 +584,120 @@ def test_pgsb_step_updates_the_student_then_the_lora_teacher_k_times(fresh):
 
 
 # -----------------------------------------------------------------------------
+# DMD2's GAN term
+
+
+LAST = {'tiny_unet': 'conv_out', 'tiny_dit': 'proj_out'}  # the network's last layer
+
+
+@pytest.mark.parametrize('name', NETS)
+def test_layer_features_are_the_modules_output_and_the_forward_stops_there(name):
+    net = tiny(name)
+    cond, _ = texts(name)
+    x, t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)), torch.tensor([10, 700])
+    layer, seen, ran = vsd.bottleneck(net), [], []
+    handles = [net.get_submodule(layer).register_forward_hook(lambda m, a, out: seen.append(out)),
+               net.get_submodule(LAST[name]).register_forward_hook(lambda m, a, out: ran.append(1))]
+    net(x, t, *cond)
+    assert len(ran) == 1
+    features = vsd.layer_features(net, layer, x, t, cond)
+    assert len(ran) == 1  # the layers past the one read did not run
+    for h in handles:
+        h.remove()
+    torch.testing.assert_close(features, seen[0], rtol=0, atol=0)
+    assert features.shape == ((2, 64, 8, 8) if name == 'tiny_unet' else (2, 64, 32))
+    if name == 'tiny_unet':  # a module the forward never calls (it calls the block's layers one by one)
+        with pytest.raises(ValueError, match="does not run its module 'mid_block'"):
+            vsd.layer_features(net, 'mid_block', x, t, cond)
+
+
+def gan_setup(name, real_seed=5):
+    teacher = tiny(name)
+    teacher.requires_grad_(False)
+    lora_params = seeded(3, vsd.add_lora, teacher, 2, 4)
+    perturb_lora(teacher)
+    real = torch.randn(8, 4, 16, 16, generator=torch.Generator().manual_seed(real_seed))
+    draw = lambda n, g: real[torch.randint(len(real), (n,), generator=g)]
+    gan = seeded(4, vsd.GAN, vsd.bottleneck(teacher), 64 if name == 'tiny_unet' else 32, draw)
+    return teacher, lora_params, gan, real
+
+
+@pytest.mark.parametrize('name', NETS)
+def test_gan_logits_are_the_head_on_the_lora_teachers_noised_features_by_hand(name):
+    teacher, _, gan, _ = gan_setup(name)
+    _, null = texts(name)
+    cfg, sched = vsd.VSDConfig(t_min=50, t_max=300), schedule('sd')
+    x0 = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    logits = gan.logits(teacher, sched, x0, null, cfg, torch.Generator().manual_seed(7))
+    g = torch.Generator().manual_seed(7)  # the same draws, by hand
+    t = torch.randint(50, 301, (3,), generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    x_t = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1) * eps
+    seen = []
+    h = teacher.get_submodule(gan.layer).register_forward_hook(lambda m, a, out: seen.append(out))
+    teacher(x_t, t, null[0].expand(3, -1, -1), None if null[1] is None else null[1].expand(3, -1))
+    h.remove()
+    tokens = seen[0].flatten(2).transpose(1, 2) if seen[0].ndim == 4 else seen[0]
+    torch.testing.assert_close(logits, gan.head(tokens).squeeze(-1), rtol=1e-5, atol=1e-6)
+    assert logits.shape == ((3, 64) if name == 'tiny_unet' else (3, 64))  # one logit per position
+
+
+def test_gan_losses_are_the_non_saturating_softplus_losses():
+    """With the head's last layer at zero weights and bias b every logit is b: the student's loss is
+    softplus(-b), the classifier's softplus(b) + softplus(-b). Then, with a live head, the student's
+    loss reaches x0 (through the LoRA teacher) and the classifier's reaches the head and the adapters,
+    not x0."""
+    teacher, lora_params, gan, _ = gan_setup('tiny_unet')
+    _, null = texts('tiny_unet')
+    cfg, sched = vsd.VSDConfig(), schedule('sd')
+    x0 = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(6))
+    last = gan.head[-1]
+    saved = last.weight.detach().clone(), last.bias.detach().clone()
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(0.7)
+    b = torch.tensor(0.7)
+    torch.testing.assert_close(gan.generator_loss(teacher, sched, x0, null, cfg), F.softplus(-b))
+    torch.testing.assert_close(gan.discriminator_loss(teacher, sched, x0, null, cfg), F.softplus(b) + F.softplus(-b))
+    with torch.no_grad():
+        last.weight.copy_(saved[0])
+        last.bias.copy_(saved[1])
+    x0.requires_grad_(True)
+    gan.generator_loss(teacher, sched, x0, null, cfg, torch.Generator().manual_seed(1)).backward()
+    assert torch.count_nonzero(x0.grad) > 0
+    x0.grad = None
+    gan.discriminator_loss(teacher, sched, x0, null, cfg, torch.Generator().manual_seed(1)).backward()
+    assert x0.grad is None
+    assert all(torch.count_nonzero(p.grad) for p in gan.parameters())
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) for p in lora_params)
+
+
+def test_pgsb_step_with_the_gan_term():
+    """The GAN term at weight 0 leaves the student's update bit-identical to the step without it (its
+    draws come after the VSD term's); at weight 1 it changes it; the head learns with the adapters."""
+    def step(gan_weight, with_gan=True):
+        student = tiny('tiny_unet').train()
+        teacher, lora_params, gan, _ = gan_setup('tiny_unet')
+        opts = {'student': torch.optim.AdamW(student.parameters(), lr=1e-3),
+                'lora': torch.optim.AdamW([{'params': lora_params}, {'params': list(gan.parameters()), 'lr': 1e-2}],
+                                          lr=1e-3)}
+        head = [p.detach().clone() for p in gan.parameters()]
+        cond, null = texts('tiny_unet')
+        g = torch.Generator().manual_seed(0)
+        draw = lambda: (torch.randn(2, 4, 16, 16, generator=g), cond, ['a', 'b'])
+        cfg = vsd.VSDConfig(lora_updates=2, gan_weight=gan_weight)
+        info, _ = vsd.pgsb_step(student, teacher, schedule('sd'), opts, draw, null, cfg,
+                                torch.Generator().manual_seed(1), gan=gan if with_gan else None)
+        moved = any(not torch.equal(a, b) for a, b in zip(head, gan.parameters()))
+        return info, [p.detach().clone() for p in student.parameters()], moved
+    plain, zero, one = step(0.0, with_gan=False), step(0.0), step(1.0)
+    assert set(plain[0]) == {'vsd', 'lora'} and set(zero[0]) == {'vsd', 'lora', 'gan_g', 'gan_d'}
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], zero[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(plain[1], one[1]))
+    assert zero[2] and one[2] and not plain[2]
+
+
+# -----------------------------------------------------------------------------
 # NASA-T (SNOOPI v3): negative prompts in distillation
 
 
