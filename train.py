@@ -138,7 +138,7 @@ RANGES = {
     'clip_tau': dict(low=-1, high=1), 'clip_warmup': dict(low=0), 'nasa_alpha_max': dict(low=0),
     'regression_weight': dict(low=0), 'regression_pairs': dict(low=1), 'regression_steps': dict(low=1),
     'regression_cfg': dict(low=0), 'regression_decay': dict(low=0), 'regression_pool': dict(low=1),
-    'gan_weight': dict(low=0), 'gan_d_weight': dict(low=0), 'lr_gan': dict(low=0, low_open=True),
+    'gan_weight': dict(low=0), 'gan_d_weight': dict(low=0), 'gan_t_max': dict(low=0), 'lr_gan': dict(low=0, low_open=True),
 }
 
 
@@ -156,6 +156,9 @@ def check_config(cfg):
             raise cli.UserError(f"{flag(name)} must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")
     cli.number('--kappa-max', cfg.kappa_max, low=cfg.kappa_min, fix='kappa is drawn from [kappa_min, kappa_max]')
     cli.number('--t-max', cfg.t_max, low=cfg.t_min, fix='VSD draws t from [t_min, t_max]')
+    if cfg.gan_t_max:
+        cli.number('--gan-t-max', cfg.gan_t_max, low=cfg.t_min, high=cfg.t_max,
+                   fix='the GAN term draws t from [t_min, gan_t_max]')
     if cfg.t_anneal:
         cli.number('--t-anneal-max', cfg.t_anneal_max, low=cfg.t_min, high=cfg.t_max,
                    fix='the annealed timesteps lie within [t_min, t_max]')

@@ -161,6 +161,7 @@ class VSDConfig:
     regression_pool: int = option(1, "compare the student's and the teacher's images averaged over KxK blocks (pixels or latents): the pairs fix the layout, VSD the edges (1: every pixel)")
     gan_weight: float = option(0.0, "weight of DMD2's GAN term in the student's loss: a classifier on the LoRA teacher's features at --gan-layer tells real images from the student's, both noised (needs --real-images; 0: off)")
     gan_d_weight: float = option(1e-2, "weight of the classifier's loss in the LoRA teacher's (DMD2's guidance_cls_loss_weight)")
+    gan_t_max: int = option(0, "upper end of the GAN term's timesteps, t ~ U{t_min..gan_t_max}: the classifier sees edges at low noise (0: t_max)")
     gan_layer: str = option('', "the LoRA teacher's module whose output the classifier reads ('': its bottleneck, the UNet's mid_block.resnets.1 or the DiT's middle block)")
     lora_grad_checkpointing: bool = option(True, "recompute the teacher's activations in the LoRA teacher's backward pass (its frozen forwards keep none); the same numbers, less memory at the step's peak")
     free_student_grads: bool = option(True, "drop the student's gradients once it has stepped, before the LoRA teacher's update (the next step makes new ones); the same numbers, less memory")
@@ -294,7 +295,7 @@ def bottleneck(net):
 
 class GAN(nn.Module):
     """DMD2's GAN term (arXiv 2405.14867): a classifier head on the fake score's features (the LoRA
-    teacher's, at one layer), on images noised at t ~ U{t_min..t_max}, real against the student's.
+    teacher's, at one layer), on images noised at t ~ U{t_min..gan_t_max}, real against the student's.
     The student's loss gets softplus(-D(x0)) (the non-saturating generator loss), the gradient
     reaching x0 through the LoRA teacher's layers; the LoRA teacher and the head get
     softplus(D(x0)) + softplus(-D(real)) at each of their updates. Real images anchor what the
@@ -311,7 +312,7 @@ class GAN(nn.Module):
 
     def logits(self, net, schedule, x0, null, cfg, generator=None):
         net, B = getattr(net, 'module', net), x0.shape[0]  # the network a DDP wrapper holds
-        t = torch.randint(cfg.t_min, cfg.t_max + 1, (B,), device=x0.device, generator=generator)
+        t = torch.randint(cfg.t_min, (cfg.gan_t_max or cfg.t_max) + 1, (B,), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         cond = tuple(None if u is None else u.expand(B, *u.shape[1:]) for u in null)
         feats = layer_features(net, self.layer, schedule.add_noise(x0, eps, t), t, cond)

@@ -133,6 +133,8 @@ def test_a_long_prompt_is_cut_with_a_warning(unet_teacher, tmp_path, capsys):
 
 
 def train_cases(tmp, teacher, prompts, broken):
+    gan = ['--regression-weight', 0, '--gan-weight', 0.1, '--real-images']  # no teacher pairs to draw first
+
     def args(out='out', *extra):
         return ['--teacher', teacher, '--prompts', prompts, '--out', tmp / out, '--steps', 2, '--batch-size', 2,
                 '--val-every', 0, *extra]
@@ -176,17 +178,18 @@ def train_cases(tmp, teacher, prompts, broken):
         ('gan without real images', [*args(), '--gan-weight', 0.1], '--gan-weight needs --real-images FILE'),
         ('real images without gan', [*args(), '--real-images', tmp / 'real.safetensors'],
          '--real-images applies to the GAN term'),
-        ('missing real images', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'none.safetensors'],
+        ('missing real images', [*args(), *gan, tmp / 'none.safetensors'],
          f"--real-images {tmp / 'none.safetensors'} not found"),
-        ('truncated real images', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images',
-                                   broken['truncated'] / 'denoiser.safetensors'],
+        ('truncated real images', [*args(), *gan, broken['truncated'] / 'denoiser.safetensors'],
          'a truncated safetensors file'),
-        ('real images as floats', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'float.safetensors'],
+        ('real images as floats', [*args(), *gan, tmp / 'float.safetensors'],
          "holds images torch.float32 (2, 8, 8, 3): it needs 'images', uint8 (N, H, W, 3)"),
-        ('real images of another size', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'small.safetensors'],
+        ('real images of another size', [*args(), *gan, tmp / 'small.safetensors'],
          'its 5x5 images make'),
-        ('unknown gan layer', [*args(), '--regression-weight', 0, '--gan-weight', 0.1, '--real-images', tmp / 'real.safetensors',
-                               '--gan-layer', 'mid_block.nothing'], '--gan-layer mid_block.nothing'),
+        ('unknown gan layer', [*args(), *gan, tmp / 'real.safetensors', '--gan-layer', 'mid_block.nothing'],
+         '--gan-layer mid_block.nothing'),
+        ('gan timesteps beyond vsd', [*args(), *gan, tmp / 'real.safetensors', '--gan-t-max', 990],
+         '--gan-t-max must be at least 20 and at most 980, got 990 (the GAN term draws t from [t_min, gan_t_max])'),
     ]
 
 
@@ -198,7 +201,7 @@ TRAIN_CASES = [
     'missing negative prompt file', 'empty negative prompt file', 'nasa-train without negatives',
     'negatives without nasa-train', 'negative nasa alpha max', 'fsdp with ema', 'regression pool above the image',
     'gan without real images', 'real images without gan', 'missing real images', 'truncated real images',
-    'real images as floats', 'real images of another size', 'unknown gan layer']
+    'real images as floats', 'real images of another size', 'unknown gan layer', 'gan timesteps beyond vsd']
 
 
 @pytest.mark.parametrize('case', TRAIN_CASES)

@@ -632,7 +632,8 @@ def test_gan_logits_are_the_head_on_the_lora_teachers_noised_features_by_hand(na
     g = torch.Generator().manual_seed(7)  # the same draws, by hand
     t = torch.randint(50, 301, (3,), generator=g)
     eps = torch.randn(x0.shape, generator=g)
-    x_t = sched.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - sched.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1) * eps
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
     seen = []
     h = teacher.get_submodule(gan.layer).register_forward_hook(lambda m, a, out: seen.append(out))
     teacher(x_t, t, null[0].expand(3, -1, -1), None if null[1] is None else null[1].expand(3, -1))
