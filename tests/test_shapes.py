@@ -482,6 +482,17 @@ def test_prompts_file_is_the_world_captions(tmp_path):
     assert open(shipped).read().splitlines() == lines
 
 
+def test_real_images_file_holds_the_worlds_images(tmp_path):
+    """shapes.py real-images: the world's images at the seed, as train.py --real-images reads them."""
+    from safetensors.torch import load_file
+    import train
+    shapes.main(["real-images", str(tmp_path / "r.safetensors"), "--n", "5", "--seed", "3"])
+    images = load_file(str(tmp_path / "r.safetensors"))["images"]
+    assert images.dtype == torch.uint8 and images.shape == (5, IMAGE_SIZE, IMAGE_SIZE, 3)
+    assert np.array_equal(images.numpy(), shapes.sample_world(5, 3)[0])
+    assert torch.equal(train.read_real_images(tmp_path / "r.safetensors"), images)
+
+
 # -----------------------------------------------------------------------------
 # Text encoder and tokenizer
 
