@@ -298,11 +298,12 @@ class GAN(nn.Module):
     teacher's, at one layer), on images noised at t ~ U{t_min..gan_t_max}, real against the student's.
     The student's loss gets softplus(-D(x0)) (the non-saturating generator loss), the gradient
     reaching x0 through the LoRA teacher's layers; the LoRA teacher and the head get
-    softplus(D(x0)) + softplus(-D(real)) at each of their updates. Real images anchor what the
-    teacher's score alone leaves loose in a one-step student: sharp edges. The classifier reads the
-    null prompt's features, so it judges realism, not the prompt (the VSD term's job); it gives one
-    logit per position of the layer (a patch classifier). real(n, generator): n real images in the
-    student's space (latents for a latent model)."""
+    softplus(D(x0)) + softplus(-D(real)) at each of their updates. Real images give the student a
+    target beyond its teacher's score (DMD2's reason for the term); in the shapes world it did not
+    straighten the squares (README). The classifier reads the null prompt's features, so it judges
+    realism, not the prompt (the VSD term's job); it gives one logit per position of the layer (a
+    patch classifier). real(n, generator): n real images in the student's space (latents for a
+    latent model)."""
 
     def __init__(self, layer, channels, real):
         super().__init__()
