@@ -587,7 +587,7 @@ def make_gan(cfg, teacher, real, null, device):
         raise cli.UserError(f"--gan-layer {layer}: {cli.one_line(e)} (name a module of the teacher, such as "
                             f"{vsd.bottleneck(teacher)})") from None
     channels = probe.shape[1] if probe.ndim == 4 else probe.shape[-1]
-    draw = lambda n, g: real[torch.randint(len(real), (n,), generator=g, device=device).cpu()].to(device)
+    draw = lambda n, g: real[torch.randint(len(real), (n,), generator=g, device=device)]  # real is on the device
     return vsd.GAN(layer, channels, draw).to(device)
 
 

@@ -312,7 +312,7 @@ class GAN(nn.Module):
                                   nn.Linear(channels, 1))
 
     def logits(self, net, schedule, x0, null, cfg, generator=None):
-        net, B = getattr(net, 'module', net), x0.shape[0]  # the network a DDP wrapper holds
+        B = x0.shape[0]
         t = torch.randint(cfg.t_min, (cfg.gan_t_max or cfg.t_max) + 1, (B,), device=x0.device, generator=generator)
         eps = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         cond = tuple(None if u is None else u.expand(B, *u.shape[1:]) for u in null)
